@@ -1,0 +1,818 @@
+"""The FFCV multi-view pipeline and the SSL augmentations: the only code the method files share.
+
+ffcv 1.0.2 decodes, crops and flips; it lacks hue, grayscale, blur, solarization and noise, and its
+random operations are not reproducible. This module adds, as numba-compiled ffcv Operations:
+
+    RandomColorJitter   brightness, contrast, saturation, hue; torchvision's factors and random order
+    RandomGrayscale     ITU-R 601-2 luma, as torchvision's rgb_to_grayscale
+    RandomSolarization  x -> 255 - x where x >= threshold
+    RandomGaussianBlur  separable Gaussian, sigma ~ U(sigma range), reflect padding
+    GaussianNoise       additive N(0, std) per pixel (std in [0, 1] image units), for instance SimCLR
+    RandomResizedCrop   ffcv's crop decoder with its boxes drawn reproducibly
+
+and loaders that yield `(view_1, ..., view_k, label)` or `(image, label)`:
+
+    loader = make_ssl_loader("data/fashion-mnist_train.beton", simclr_views(32), batch_size=256)
+    for x1, x2, y in loader: ...
+
+Reproducibility: every random number is a hash of (the operation's seed, derived from the loader's
+seed; the image indices of the batch; the image's slot; a counter), so the same seed gives the same
+batches whatever the number of worker threads, and a shuffled loader gives new views every epoch.
+
+Preview what a recipe does:  python ffcv_ssl_common.py --beton data/fashion-mnist_train.beton
+"""
+
+import os
+from dataclasses import dataclass, replace
+from typing import Literal, Sequence
+
+import numba
+import numpy as np
+import torch
+from ffcv.fields import IntField, RGBImageField
+from ffcv.fields.basics import IntDecoder
+from ffcv.fields.rgb_image import (IMAGE_MODES, CenterCropRGBImageDecoder,
+                                   RandomResizedCropRGBImageDecoder)
+from ffcv.libffcv import imdecode, resize_crop
+from ffcv.loader import Loader, OrderOption
+from ffcv.loader.epoch_iterator import IS_CUDA, EpochIterator
+from ffcv.pipeline import PipelineSpec
+from ffcv.pipeline.allocation_query import AllocationQuery
+from ffcv.pipeline.compiler import Compiler
+from ffcv.pipeline.operation import Operation
+from ffcv.reader import Reader
+from ffcv.transforms import NormalizeImage, Squeeze, ToDevice, ToTensor, ToTorchImage
+
+# ImageNet statistics in 0-255 units; every method file normalises with these unless told otherwise.
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406]) * 255
+IMAGENET_STD = np.array([0.229, 0.224, 0.225]) * 255
+
+# cache=True keeps the machine code on disk (__pycache__): a new process loads it instead of
+# compiling again, which is most of what makes a loader's first batch slow.
+_njit = numba.njit(cache=True, nogil=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Random numbers. ffcv's own random ops draw from numba's per-thread generators, so their output
+# depends on which worker thread handles which image, and ffcv runs the operations of different
+# views in an order that changes from one Loader to the next. We use a counter-based generator
+# instead: every number is a hash of (operation seed, the batch's image indices, slot in batch,
+# counter). Same seed and same batch give the same views, whatever the threads or the op order;
+# a shuffled loader puts different images together every epoch, so the views change each epoch.
+# ----------------------------------------------------------------------------------------------
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+@_njit
+def _mix(z):
+    # splitmix64's finaliser (Steele et al. 2014): a bijective, well-mixing hash of 64 bits.
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+@_njit
+def batch_key(batch_indices, seed):
+    """A 64-bit key for this operation (seed) and this batch (its image indices, in order)."""
+    key = _mix(np.uint64(seed) + _GOLDEN)
+    for index in batch_indices:
+        key = _mix(key ^ np.uint64(index))
+    return key
+
+
+@_njit
+def sample_key(key, slot):
+    # np.uint64(key): a key that comes back from Python may be typed int64, and numba turns
+    # int64 + uint64 into float64.
+    return _mix(np.uint64(key) + (np.uint64(slot) + np.uint64(1)) * _GOLDEN)
+
+
+@_njit
+def uniform(key, counter):
+    """The counter-th number of stream `key`, uniform in [0, 1) with 53 random bits."""
+    return np.float64(_mix(np.uint64(key) + np.uint64(counter) * _GOLDEN) >> np.uint64(11)) * (
+        1.0 / 2**53)
+
+
+@_njit
+def normal(key, counter):
+    """A standard normal number (Box-Muller on two uniforms of the stream)."""
+    u1 = 1.0 - uniform(key, 2 * counter)  # in (0, 1]: log(u1) is finite
+    u2 = uniform(key, 2 * counter + 1)
+    return np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)
+
+
+@_njit
+def random_crop_box(key, height, width, scale, log_ratio):
+    """torchvision's RandomResizedCrop.get_params: up to 10 tries of area ~ U(scale) * image area
+    and log aspect ~ U(log_ratio); then a centre crop clamped to the ratio range."""
+    area = height * width
+    for t in range(10):
+        target_area = area * (scale[0] + (scale[1] - scale[0]) * uniform(key, 4 * t))
+        aspect = np.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * uniform(key, 4 * t + 1))
+        w = int(round(np.sqrt(target_area * aspect)))
+        h = int(round(np.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            i = int(uniform(key, 4 * t + 2) * (height - h + 1))
+            j = int(uniform(key, 4 * t + 3) * (width - w + 1))
+            return i, j, h, w
+    in_ratio = width / height
+    if in_ratio < np.exp(log_ratio[0]):
+        w, h = width, int(round(width / np.exp(log_ratio[0])))
+    elif in_ratio > np.exp(log_ratio[1]):
+        h, w = height, int(round(height * np.exp(log_ratio[1])))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-image kernels. Each works in place on one (H, W, 3) uint8 image and rounds like torchvision's
+# tensor functional on uint8 input (blends truncate, blur rounds), so tests can compare them exactly.
+# ----------------------------------------------------------------------------------------------
+@_njit
+def _luma(r, g, b):
+    # torchvision: (0.2989 r + 0.587 g + 0.114 b).to(uint8), i.e. truncated, in float32.
+    return np.uint8(np.float32(0.2989) * np.float32(r) + np.float32(0.587) * np.float32(g)
+                    + np.float32(0.114) * np.float32(b))
+
+
+@_njit
+def _blend_value(x, y, ratio):
+    # torchvision _blend: (ratio * x + (1 - ratio) * y).clamp(0, 255).to(uint8), in float32.
+    v = np.float32(ratio) * np.float32(x) + np.float32(1.0 - ratio) * np.float32(y)
+    return np.uint8(min(max(v, np.float32(0.0)), np.float32(255.0)))
+
+
+@_njit
+def adjust_brightness_(img, factor):
+    h, w, c = img.shape
+    for y in range(h):
+        for x in range(w):
+            for k in range(c):
+                img[y, x, k] = _blend_value(img[y, x, k], 0.0, factor)
+
+
+@_njit
+def adjust_contrast_(img, factor):
+    h, w, _ = img.shape
+    total = 0.0
+    for y in range(h):
+        for x in range(w):
+            total += _luma(img[y, x, 0], img[y, x, 1], img[y, x, 2])
+    mean = np.float32(total / (h * w))  # mean of the (truncated) grayscale image
+    for y in range(h):
+        for x in range(w):
+            for k in range(3):
+                img[y, x, k] = _blend_value(img[y, x, k], mean, factor)
+
+
+@_njit
+def adjust_saturation_(img, factor):
+    h, w, _ = img.shape
+    for y in range(h):
+        for x in range(w):
+            gray = _luma(img[y, x, 0], img[y, x, 1], img[y, x, 2])
+            for k in range(3):
+                img[y, x, k] = _blend_value(img[y, x, k], gray, factor)
+
+
+@_njit
+def adjust_hue_(img, hue_factor):
+    # RGB -> HSV -> shift H -> RGB per pixel in float32, as torchvision's _rgb2hsv/_hsv2rgb.
+    h_, w_, _ = img.shape
+    one = np.float32(1.0)
+    for y in range(h_):
+        for x in range(w_):
+            r = np.float32(img[y, x, 0]) / np.float32(255.0)
+            g = np.float32(img[y, x, 1]) / np.float32(255.0)
+            b = np.float32(img[y, x, 2]) / np.float32(255.0)
+            maxc = max(r, g, b)
+            minc = min(r, g, b)
+            cr = maxc - minc
+            s = cr / maxc if maxc != minc else np.float32(0.0)
+            d = cr if maxc != minc else one
+            rc, gc, bc = (maxc - r) / d, (maxc - g) / d, (maxc - b) / d
+            if maxc == r:
+                hue = bc - gc
+            elif maxc == g:
+                hue = np.float32(2.0) + rc - bc
+            else:
+                hue = np.float32(4.0) + gc - rc
+            hue = np.fmod(hue / np.float32(6.0) + one, one)
+            hue = (hue + np.float32(hue_factor)) % one  # floor-mod, as torch's % on floats
+            i = np.floor(hue * np.float32(6.0))
+            f = hue * np.float32(6.0) - i
+            p = min(max(maxc * (one - s), np.float32(0.0)), one)
+            q = min(max(maxc * (one - s * f), np.float32(0.0)), one)
+            t = min(max(maxc * (one - s * (one - f)), np.float32(0.0)), one)
+            sector = int(i) % 6
+            if sector == 0:
+                r, g, b = maxc, t, p
+            elif sector == 1:
+                r, g, b = q, maxc, p
+            elif sector == 2:
+                r, g, b = p, maxc, t
+            elif sector == 3:
+                r, g, b = p, q, maxc
+            elif sector == 4:
+                r, g, b = t, p, maxc
+            else:
+                r, g, b = maxc, p, q
+            # convert_image_dtype(float -> uint8) multiplies by 255.999 and truncates
+            img[y, x, 0] = np.uint8(r * np.float32(255.999))
+            img[y, x, 1] = np.uint8(g * np.float32(255.999))
+            img[y, x, 2] = np.uint8(b * np.float32(255.999))
+
+
+@_njit
+def to_grayscale_(img):
+    h, w, _ = img.shape
+    for y in range(h):
+        for x in range(w):
+            gray = _luma(img[y, x, 0], img[y, x, 1], img[y, x, 2])
+            img[y, x, 0] = gray
+            img[y, x, 1] = gray
+            img[y, x, 2] = gray
+
+
+@_njit
+def solarize_(img, threshold):
+    h, w, c = img.shape
+    for y in range(h):
+        for x in range(w):
+            for k in range(c):
+                if img[y, x, k] >= threshold:
+                    img[y, x, k] = 255 - img[y, x, k]
+
+
+@_njit
+def gaussian_kernel1d(kernel_size, sigma):
+    half = (kernel_size - 1) * 0.5
+    kernel = np.empty(kernel_size, np.float32)
+    for i in range(kernel_size):
+        kernel[i] = np.exp(-0.5 * ((i - half) / sigma) ** 2)
+    return kernel / kernel.sum()
+
+
+@_njit
+def _reflect(i, n):
+    # torch's "reflect" padding: the edge pixel is not repeated (-1 -> 1, n -> n - 2).
+    if i < 0:
+        return -i
+    if i >= n:
+        return 2 * n - 2 - i
+    return i
+
+
+@_njit
+def gaussian_blur_(img, kernel_size, sigma):
+    # Separable: a k x k blur costs 2k multiply-adds per pixel instead of k^2.
+    kernel = gaussian_kernel1d(kernel_size, sigma)
+    h, w, c = img.shape
+    r = kernel_size // 2
+    rows = np.empty((h, w, c), np.float32)
+    for y in range(h):
+        for x in range(w):
+            for k in range(c):
+                acc = np.float32(0.0)
+                for t in range(kernel_size):
+                    acc += kernel[t] * np.float32(img[y, _reflect(x + t - r, w), k])
+                rows[y, x, k] = acc
+    for y in range(h):
+        for x in range(w):
+            for k in range(c):
+                acc = np.float32(0.0)
+                for t in range(kernel_size):
+                    acc += kernel[t] * rows[_reflect(y + t - r, h), x, k]
+                img[y, x, k] = np.uint8(min(max(np.round(acc), 0.0), 255.0))
+
+
+@_njit
+def add_gaussian_noise_(img, std, key):
+    h, w, c = img.shape
+    for y in range(h):
+        for x in range(w):
+            for k in range(c):
+                noise = std * 255.0 * normal(key, 16 + (y * w + x) * c + k)
+                v = np.float32(img[y, x, k]) + np.float32(noise)
+                img[y, x, k] = np.uint8(min(max(np.round(v), 0.0), 255.0))
+
+# ----------------------------------------------------------------------------------------------
+# One image, one augmentation, its random parameters drawn from the image's stream `key`.
+# `consts` holds the operation's settings: [p, then the op's own].
+# ----------------------------------------------------------------------------------------------
+FLIP, JITTER, GRAYSCALE, BLUR, SOLARIZE, NOISE = range(6)
+
+
+@_njit
+def hflip_(img):
+    h, w, c = img.shape
+    for y in range(h):
+        for x in range(w // 2):
+            for k in range(c):
+                img[y, x, k], img[y, w - 1 - x, k] = img[y, w - 1 - x, k], img[y, x, k]
+
+
+@_njit
+def _apply(kind, img, key, consts):
+    if kind == FLIP:
+        hflip_(img)
+    elif kind == JITTER:  # consts: p, brightness, contrast, saturation, hue strengths
+        b, c, s, h = consts[1], consts[2], consts[3], consts[4]
+        factors = np.array([max(0.0, 1 - b) + (1 + b - max(0.0, 1 - b)) * uniform(key, 1),
+                            max(0.0, 1 - c) + (1 + c - max(0.0, 1 - c)) * uniform(key, 2),
+                            max(0.0, 1 - s) + (1 + s - max(0.0, 1 - s)) * uniform(key, 3),
+                            -h + 2 * h * uniform(key, 4)])
+        order = np.argsort(np.array([uniform(key, 5 + k) for k in range(4)]))  # a random permutation
+        for op in order:
+            if consts[1 + op] == 0:  # zero strength: torchvision leaves the adjustment out
+                continue
+            if op == 0:
+                adjust_brightness_(img, factors[0])
+            elif op == 1:
+                adjust_contrast_(img, factors[1])
+            elif op == 2:
+                adjust_saturation_(img, factors[2])
+            else:
+                adjust_hue_(img, factors[3])
+    elif kind == GRAYSCALE:
+        to_grayscale_(img)
+    elif kind == BLUR:  # consts: p, kernel size, sigma min, sigma max
+        k = int(consts[1])
+        if k // 2 < min(img.shape[0], img.shape[1]):  # reflect padding needs a margin
+            gaussian_blur_(img, k, consts[2] + (consts[3] - consts[2]) * uniform(key, 1))
+    elif kind == SOLARIZE:  # consts: p, threshold
+        solarize_(img, np.uint8(consts[1]))
+    elif kind == NOISE:  # consts: p, std
+        add_gaussian_noise_(img, consts[1], key)
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def augment_batch(kind, images, dst, batch_indices, seed, consts):
+    """The parallel loop shared by every augmentation: copy, then transform with probability p.
+    One cached, compiled function serves all of them: compiling a parallel loop takes seconds,
+    and ffcv would otherwise compile one per operation and per view, in every process."""
+    n = images.shape[0]
+    key = batch_key(batch_indices, seed)
+    for i in numba.prange(n):
+        image_key = sample_key(key, i)
+        dst[i] = images[i]
+        if uniform(image_key, 0) < consts[0]:
+            _apply(kind, dst[i], image_key, consts)
+    return dst[:n]
+
+
+# ----------------------------------------------------------------------------------------------
+# ffcv Operations. They write to their own output buffer instead of working in place: two views
+# branching after one shared crop read the same input, and an in-place op in one branch would
+# change the other.
+# ----------------------------------------------------------------------------------------------
+class _BatchOp(Operation):
+    """Base of our augmentations: uint8 (B, H, W, 3) in, a new uint8 (B, H, W, 3) buffer out."""
+
+    kind = -1
+
+    def __init__(self, p: float, *settings: float, seed: int = 0):
+        super().__init__()
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"{type(self).__name__}: probability must be in [0, 1], got {p}")
+        self.p, self.seed = p, seed
+        self.consts = np.array([p, *settings], np.float64)
+
+    def declare_state_and_memory(self, previous_state):
+        if previous_state.shape[-1] != 3 or previous_state.dtype != np.uint8:
+            raise TypeError(f"{type(self).__name__} needs uint8 (H, W, 3) images before ToTensor, "
+                            f"got {previous_state.dtype} {previous_state.shape}")
+        return replace(previous_state, jit_mode=True), AllocationQuery(previous_state.shape, np.uint8)
+
+    def generate_code(self):
+        kind, seed, consts = self.kind, np.uint64(self.seed), self.consts
+
+        def augment(images, dst, batch_indices):
+            return augment_batch(kind, images, dst, batch_indices, seed, consts)
+
+        augment.with_indices = True  # ffcv passes the batch's image indices: our random keys
+        return augment
+
+
+class RandomHorizontalFlip(_BatchOp):
+    """Mirror left-right with probability p (ffcv's flip is not reproducible, see above)."""
+
+    kind = FLIP
+
+    def __init__(self, p=0.5, seed=0):
+        super().__init__(p, seed=seed)
+
+
+class RandomColorJitter(_BatchOp):
+    """torchvision's `RandomApply([ColorJitter(b, c, s, h)], p)`: with probability p, the four
+    adjustments in a random order, factors ~ U[max(0, 1 - x), 1 + x] (hue: U[-h, h]); a zero
+    strength leaves that adjustment out, as torchvision does."""
+
+    kind = JITTER
+
+    def __init__(self, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, p=0.8, seed=0):
+        if min(brightness, contrast, saturation) < 0 or not 0 <= hue <= 0.5:
+            raise ValueError(f"jitter strengths must be >= 0 (hue in [0, 0.5]), got "
+                             f"{brightness}, {contrast}, {saturation}, {hue}")
+        super().__init__(p, brightness, contrast, saturation, hue, seed=seed)
+
+
+class RandomGrayscale(_BatchOp):
+    """torchvision's `RandomGrayscale(p)`: the luma copied to all three channels."""
+
+    kind = GRAYSCALE
+
+    def __init__(self, p=0.2, seed=0):
+        super().__init__(p, seed=seed)
+
+
+class RandomSolarization(_BatchOp):
+    """torchvision's `RandomSolarize(threshold, p)` on uint8: pixels >= threshold become 255 - x."""
+
+    kind = SOLARIZE
+
+    def __init__(self, threshold=128, p=0.2, seed=0):
+        if not 0 <= threshold <= 255:
+            raise ValueError(f"solarization threshold must be a grey level 0-255, got {threshold}")
+        super().__init__(p, threshold, seed=seed)
+
+
+class RandomGaussianBlur(_BatchOp):
+    """torchvision's `RandomApply([GaussianBlur(kernel_size, sigma)], p)`: sigma ~ U(sigma range)
+    per image, reflect padding, rounded back to uint8."""
+
+    kind = BLUR
+
+    def __init__(self, kernel_size, sigma=(0.1, 2.0), p=0.5, seed=0):
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"blur kernel size must be odd and positive, got {kernel_size}")
+        if not 0 < sigma[0] <= sigma[1]:
+            raise ValueError(f"blur sigma range must satisfy 0 < min <= max, got {sigma}")
+        super().__init__(p, kernel_size, sigma[0], sigma[1], seed=seed)
+
+
+class GaussianNoise(_BatchOp):
+    """Adds N(0, std^2) to every pixel and channel, std in [0, 1] image units (std=0.1 is about 25
+    grey levels), then rounds and clips to uint8."""
+
+    kind = NOISE
+
+    def __init__(self, std=0.1, p=1.0, seed=0):
+        if std < 0:
+            raise ValueError(f"noise std must be >= 0, got {std}")
+        super().__init__(p, std, seed=seed)
+
+
+class RandomResizedCrop(RandomResizedCropRGBImageDecoder):
+    """ffcv's RandomResizedCropRGBImageDecoder (decode, crop and resize in one pass), with the
+    crop boxes drawn from our counter-based generator so that they can be reproduced."""
+
+    def __init__(self, output_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), seed=0):
+        super().__init__(output_size, scale, ratio)
+        if not 0 < scale[0] <= scale[1] <= 1 or not 0 < ratio[0] <= ratio[1]:
+            raise ValueError(f"crop scale must be in (0, 1] and ordered, ratio positive and "
+                             f"ordered; got scale={scale}, ratio={ratio}")
+        self.seed = seed
+
+    def generate_code(self):
+        jpg = IMAGE_MODES["jpg"]
+        mem_read = self.memory_read
+        loop = Compiler.get_iterator()
+        imdecode_c = Compiler.compile(imdecode)
+        resize_crop_c = Compiler.compile(resize_crop)
+        scale = np.array(self.scale, np.float64)
+        log_ratio = np.log(np.array(self.ratio, np.float64))
+        seed = np.uint64(self.seed)
+
+        def decode(batch_indices, my_storage, metadata, storage_state):
+            destination, temp_storage = my_storage
+            key = batch_key(batch_indices, seed)
+            for k in loop(len(batch_indices)):
+                field = metadata[batch_indices[k]]
+                image_data = mem_read(field["data_ptr"], storage_state)
+                height, width = np.uint32(field["height"]), np.uint32(field["width"])
+                if field["mode"] == jpg:
+                    buffer = temp_storage[k]
+                    imdecode_c(image_data, buffer, height, width, height, width, 0, 0, 1, 1,
+                               False, False)
+                    image = buffer.reshape(-1)[:3 * height * width].reshape(height, width, 3)
+                else:
+                    image = image_data.reshape(height, width, 3)
+                i, j, h, w = random_crop_box(sample_key(key, k), int(height), int(width), scale,
+                                             log_ratio)
+                resize_crop_c(image, i, i + h, j, j + w, destination[k])
+            return destination[:len(batch_indices)]
+
+        decode.is_parallel = True
+        return decode
+
+
+
+# ----------------------------------------------------------------------------------------------
+# View recipes.
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class ViewConfig:
+    """How one view is made from an image; the operations run in this order."""
+
+    resolution: int = 32
+    """Output side in pixels (the random crop is resized to resolution x resolution)."""
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    """Range of the crop's area as a fraction of the image (torchvision RandomResizedCrop)."""
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    """Range of the crop's aspect ratio, sampled log-uniformly."""
+    flip_p: float = 0.5
+    """Probability of a horizontal flip."""
+    jitter_p: float = 0.8
+    """Probability of applying colour jitter (then all four adjustments, in random order)."""
+    brightness: float = 0.4
+    """Brightness strength: factor ~ U[max(0, 1 - x), 1 + x]; 0 disables it."""
+    contrast: float = 0.4
+    """Contrast strength, as brightness."""
+    saturation: float = 0.2
+    """Saturation strength, as brightness."""
+    hue: float = 0.1
+    """Hue strength: shift ~ U[-x, x] of the colour wheel, x <= 0.5."""
+    grayscale_p: float = 0.2
+    """Probability of turning the view to grayscale."""
+    blur_p: float = 0.0
+    """Probability of a Gaussian blur."""
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    """Range of the blur's sigma in pixels."""
+    blur_kernel_size: int = 0
+    """Blur kernel side (odd); 0 picks about 10% of the resolution, as SimCLR and BYOL do."""
+    solarize_p: float = 0.0
+    """Probability of solarization."""
+    solarize_threshold: int = 128
+    """Pixels at or above this grey level (0-255) are inverted."""
+    noise_p: float = 0.0
+    """Probability of additive Gaussian noise."""
+    noise_std: float = 0.0
+    """Noise standard deviation in [0, 1] image units."""
+
+    def kernel_size(self) -> int:
+        if self.blur_kernel_size:
+            return self.blur_kernel_size
+        return max(3, int(0.1 * self.resolution) // 2 * 2 + 1)
+
+    def augmentations(self, seed: int = 0) -> list[Operation]:
+        """The operations after the crop, each with its own seed, leaving out those that never
+        fire (less to compile)."""
+        ops: list[Operation] = []
+        if self.flip_p > 0:
+            ops.append(RandomHorizontalFlip(self.flip_p, seed=seed + 1))
+        if self.jitter_p > 0 and max(self.brightness, self.contrast, self.saturation, self.hue) > 0:
+            ops.append(RandomColorJitter(self.brightness, self.contrast, self.saturation, self.hue,
+                                         self.jitter_p, seed=seed + 2))
+        if self.grayscale_p > 0:
+            ops.append(RandomGrayscale(self.grayscale_p, seed=seed + 3))
+        if self.blur_p > 0:
+            ops.append(RandomGaussianBlur(self.kernel_size(), self.blur_sigma, self.blur_p,
+                                          seed=seed + 4))
+        if self.solarize_p > 0:
+            ops.append(RandomSolarization(self.solarize_threshold, self.solarize_p, seed=seed + 5))
+        if self.noise_p > 0 and self.noise_std > 0:
+            ops.append(GaussianNoise(self.noise_std, self.noise_p, seed=seed + 6))
+        return ops
+
+
+def simclr_views(resolution: int = 32) -> tuple[ViewConfig, ViewConfig]:
+    """SimCLR (Chen et al. 2020): two identically distributed views; colour strength 0.5 (jitter
+    0.4/0.4/0.4/0.1, p=0.8), grayscale 0.2. Its ImageNet recipe adds blur p=0.5; its CIFAR recipe
+    and this small-image default leave blur out."""
+    v = ViewConfig(resolution=resolution, saturation=0.4)
+    return v, replace(v)
+
+
+def byol_views(resolution: int = 32) -> tuple[ViewConfig, ViewConfig]:
+    """BYOL (Grill et al. 2020), also used by VICReg and Barlow Twins: jitter 0.4/0.4/0.2/0.1 p=0.8,
+    grayscale 0.2, and asymmetric blur (1.0 / 0.1) and solarization (0 / 0.2)."""
+    v = ViewConfig(resolution=resolution)
+    return replace(v, blur_p=1.0), replace(v, blur_p=0.1, solarize_p=0.2)
+
+
+def minimal_views(resolution: int = 32) -> tuple[ViewConfig, ViewConfig]:
+    """The paper's finding (Bordes et al. 2023, Sec. 4): random crop + grayscale go a long way."""
+    v = ViewConfig(resolution=resolution, flip_p=0.0, jitter_p=0.0, grayscale_p=0.2)
+    return v, replace(v)
+
+
+PRESETS = {"simclr": simclr_views, "byol": byol_views, "minimal": minimal_views}
+
+
+# ----------------------------------------------------------------------------------------------
+# Loaders.
+# ----------------------------------------------------------------------------------------------
+class _EpochIterator(EpochIterator):
+    """ffcv's epoch thread, plus: hands back the outputs in the loader's order, and forwards an
+    exception raised while loading (ffcv only forwards StopIteration: the training loop would
+    wait forever)."""
+
+    def run(self):
+        try:
+            super().run()
+        except Exception as err:  # noqa: BLE001 - re-raised in the consumer's thread
+            self.output_queue.put(err)
+
+    def __next__(self):
+        item = self.output_queue.get()
+        if item is None or isinstance(item, Exception):
+            self.close()
+            if item is None:
+                raise StopIteration
+            raise RuntimeError(f"loading {self.loader.fname} failed: {item!r}") from item
+        slot, batch = item
+        if IS_CUDA:
+            self.current_stream.wait_stream(self.cuda_streams[slot])  # the batch's copy is done
+        return tuple(batch[i] for i in self.loader.output_positions)
+
+
+class SSLLoader(Loader):
+    """An ffcv Loader whose batches are the named outputs, in the order given. ffcv orders them
+    as the file's fields then the new names. Set `next_epoch` before iterating to resume."""
+
+    def __init__(self, fname, outputs: Sequence[str], **kwargs):
+        super().__init__(fname, **kwargs)
+        names = list(self.pipeline_specs)
+        self.output_positions = [names.index(name) for name in outputs]
+
+    def __iter__(self):  # ffcv's, returning our iterator
+        Compiler.set_num_threads(self.num_workers)
+        order = self.next_traversal_order()[: len(self) * self.batch_size]
+        self.next_epoch += 1
+        if self.code is None or self.recompile:
+            self.generate_code()
+        return _EpochIterator(self, order)
+
+
+class _NormalizeOnDevice(torch.nn.Module):
+    """(x - mean) / std in float32 on the GPU; elementwise, so channels_last is kept."""
+
+    def __init__(self, mean, std, device):
+        super().__init__()
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+
+    def forward(self, x):
+        return (x.float() - self.mean) / self.std
+
+
+def _to_output(device: torch.device, normalize: bool, on_gpu: bool,
+               mean=IMAGENET_MEAN, std=IMAGENET_STD) -> list[Operation]:
+    """The end of an image pipeline. On the GPU: copy uint8 (4x fewer bytes) without blocking,
+    then channels_last and normalisation there. On the CPU: normalise with ffcv's numba op, which
+    must come before ToTensor (a numba op after it makes ffcv's Loader() loop forever)."""
+    if on_gpu:
+        ops = [ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(channels_last=True)]
+        if normalize:
+            ops.append(_NormalizeOnDevice(mean, std, device))
+        return ops
+    ops = [NormalizeImage(mean, std, np.float32)] if normalize else []
+    return ops + [ToTensor(), ToTorchImage(channels_last=True)]
+
+
+def _label_pipeline(device: torch.device, on_gpu: bool) -> list[Operation]:
+    ops = [IntDecoder(), ToTensor(), Squeeze(1)]
+    return ops + [ToDevice(device, non_blocking=True)] if on_gpu else ops
+
+
+def open_beton(path: str) -> Reader:
+    """Checks that `path` is a readable .beton with an RGB `image` and an int `label` field."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such .beton file; write it with "
+                                f"`python write_beton.py` (see README)")
+    try:
+        reader = Reader(path)
+    except Exception as err:  # ffcv raises whatever numpy raises on a truncated header
+        raise ValueError(f"{path} is not a valid .beton file ({type(err).__name__}: {err}); "
+                         f"rewrite it with write_beton.py --overwrite") from err
+    fields = {name: type(field) for name, field in reader.handlers.items()}
+    if fields.get("image") is not RGBImageField or fields.get("label") is not IntField:
+        raise ValueError(f"{path} has fields {sorted(fields)}; expected an RGB 'image' and an int "
+                         f"'label' field as write_beton.py writes")
+    if reader.num_samples == 0:
+        raise ValueError(f"{path} holds no images; rewrite it with write_beton.py")
+    return reader
+
+
+def _check_batches(path, reader, batch_size, drop_last, distributed):
+    world = torch.distributed.get_world_size() if distributed else 1
+    if drop_last and reader.num_samples // world < batch_size:
+        raise ValueError(f"{path} has {reader.num_samples} images, fewer than one batch of "
+                         f"{batch_size} per process; lower --batch-size")
+
+
+def make_ssl_loader(beton: str, views: Sequence[ViewConfig], batch_size: int,
+                    num_workers: int = 2, seed: int = 0, distributed: bool = False,
+                    device: str | torch.device = "cpu", shared_crop: bool = False,
+                    normalize: bool = True, indices: Sequence[int] | None = None,
+                    drop_last: bool = True) -> SSLLoader:
+    """A shuffled loader yielding `(view_1, ..., view_k, label)`.
+
+    Each view decodes and crops the image on its own; with `shared_crop`, views[0]'s crop is made
+    once and every view branches after it (its own flips, colours, noise...: the two positives of
+    instance SimCLR). Views are float32 (B, 3, R, R) channels_last, normalised, on `device`.
+    """
+    if not views:
+        raise ValueError("at least one view is needed")
+    reader = open_beton(beton)
+    _check_batches(beton, reader, batch_size, drop_last, distributed)
+    device = torch.device(device)
+    on_gpu = device.type == "cuda"
+    names = [f"view_{k + 1}" for k in range(len(views))]
+    pipelines: dict = {"image": None, "label": _label_pipeline(device, on_gpu)}
+    shared = None
+    if shared_crop:
+        if len({v.resolution for v in views}) > 1:
+            raise ValueError("views branching after a shared crop must have one resolution")
+        v0 = views[0]
+        shared = RandomResizedCrop((v0.resolution, v0.resolution), v0.crop_scale, v0.crop_ratio,
+                                   seed=seed * 1000)
+    for k, (name, view) in enumerate(zip(names, views)):
+        view_seed = seed * 1000 + 10 * (k + 1)  # every operation of every view: its own stream
+        tail = view.augmentations(view_seed) + _to_output(device, normalize, on_gpu)
+        if shared is not None:
+            # Branch after the shared crop (ffcv: a spec whose source is an operation).
+            pipelines[name] = PipelineSpec(shared, transforms=tail)
+        else:
+            crop = RandomResizedCrop((view.resolution, view.resolution), view.crop_scale,
+                                     view.crop_ratio, seed=view_seed)
+            pipelines[name] = PipelineSpec("image", decoder=crop, transforms=tail)
+    if shared is not None:
+        pipelines["crop"] = PipelineSpec("image", decoder=shared, transforms=[])
+    return SSLLoader(beton, outputs=names + ["label"], batch_size=batch_size,
+                     num_workers=num_workers, order=OrderOption.RANDOM, seed=seed,
+                     distributed=distributed, pipelines=pipelines, drop_last=drop_last,
+                     indices=indices, os_cache=True)
+
+
+def make_eval_loader(beton: str, resolution: int, batch_size: int, num_workers: int = 2,
+                     distributed: bool = False, device: str | torch.device = "cpu",
+                     crop_ratio: float = 1.0, normalize: bool = True,
+                     indices: Sequence[int] | None = None) -> SSLLoader:
+    """A loader in file order yielding `(image, label)`: centre crop of `crop_ratio` of the short
+    side (224/256 for ImageNet-style evaluation, 1.0 for small images), resized, no augmentation,
+    every image once (no drop_last)."""
+    reader = open_beton(beton)
+    device = torch.device(device)
+    on_gpu = device.type == "cuda"
+    pipelines = {
+        "image": [CenterCropRGBImageDecoder((resolution, resolution), crop_ratio)]
+        + _to_output(device, normalize, on_gpu),
+        "label": _label_pipeline(device, on_gpu),
+    }
+    del reader
+    return SSLLoader(beton, outputs=["image", "label"], batch_size=batch_size,
+                     num_workers=num_workers, order=OrderOption.SEQUENTIAL, seed=0,
+                     distributed=distributed, pipelines=pipelines, drop_last=False,
+                     indices=indices, os_cache=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Preview: python ffcv_ssl_common.py --beton data/fashion-mnist_train.beton --out views.png
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class PreviewArgs:
+    beton: str
+    """The .beton file to draw images from."""
+    out: str = "views.png"
+    """Where to write the picture (one row per image: the original, then its views)."""
+    preset: Literal["simclr", "byol", "minimal"] = "simclr"
+    """Augmentation recipe; views alternate between the recipe's two view configurations."""
+    resolution: int = 64
+    """Side of each view in pixels."""
+    num_images: int = 8
+    """Rows: how many images."""
+    num_views: int = 6
+    """Columns after the original: augmented views per image."""
+    seed: int = 0
+    """Loader seed (same seed, same picture)."""
+
+
+def preview(args: PreviewArgs) -> str:
+    import torchvision
+
+    pair = PRESETS[args.preset](args.resolution)
+    views = [pair[k % 2] for k in range(args.num_views)]
+    n = min(args.num_images, open_beton(args.beton).num_samples)
+    loader = make_ssl_loader(args.beton, views, batch_size=n, seed=args.seed, normalize=False)
+    *augmented, _ = next(iter(loader))
+    order = loader.first_traversal_order[:n]
+    plain = make_eval_loader(args.beton, args.resolution, batch_size=n, normalize=False,
+                             indices=order)
+    originals, _ = next(iter(plain))
+    grid = torch.stack([originals] + augmented, dim=1)  # (n, 1 + views, 3, R, R)
+    grid = grid.flatten(0, 1).float() / 255
+    tmp = args.out + ".tmp.png"
+    torchvision.utils.save_image(grid, tmp, nrow=1 + args.num_views, padding=2, pad_value=1.0)
+    os.replace(tmp, args.out)
+    print(f"wrote {args.out}: {n} images x (original + {args.num_views} '{args.preset}' views)")
+    return args.out
+
+
+if __name__ == "__main__":
+    import tyro
+
+    preview(tyro.cli(PreviewArgs))

@@ -1,0 +1,88 @@
+"""Small data made by the tests themselves: idx files in Fashion-MNIST's format whose pixels encode
+the label, real photos from scikit-image, and image folders of real JPEGs."""
+
+import gzip
+import os
+import struct
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def write_idx(path, array):
+    with gzip.open(path, "wb") as f:
+        f.write(struct.pack(">HBB", 0, 0x08, array.ndim))
+        f.write(struct.pack(f">{array.ndim}I", *array.shape))
+        f.write(np.ascontiguousarray(array, np.uint8).tobytes())
+
+
+def label_images(n, side=28, seed=0):
+    """Gray images whose mean level encodes the label: label k has pixels near 20 + 22 k, plus a
+    bright square at a random place so crops differ visibly."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 10
+    images = np.empty((n, side, side), np.uint8)
+    for i, label in enumerate(labels):
+        img = np.full((side, side), 20 + 22 * label, np.int32) + rng.integers(-3, 4, (side, side))
+        y, x = rng.integers(0, side - 6, 2)
+        img[y:y + 6, x:x + 6] = 255
+        images[i] = np.clip(img, 0, 255)
+    return images, labels.astype(np.uint8)
+
+
+@pytest.fixture(scope="session")
+def idx_dir(tmp_path_factory):
+    """Fashion-MNIST's four idx files, 320 train and 100 val images."""
+    d = tmp_path_factory.mktemp("idx")
+    for prefix, n, seed in (("train", 320, 0), ("t10k", 100, 1)):
+        images, labels = label_images(n, seed=seed)
+        write_idx(d / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx(d / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    return d
+
+
+@pytest.fixture(scope="session")
+def betons(idx_dir, tmp_path_factory):
+    """The idx files above written by write_beton.py: {'train': path, 'val': path}."""
+    import write_beton
+
+    out = tmp_path_factory.mktemp("beton")
+    write_beton.main(write_beton.Args(data_dir=str(idx_dir), out_dir=str(out), name="tiny",
+                                      num_workers=1))
+    return {"train": str(out / "tiny_train.beton"), "val": str(out / "tiny_val.beton")}
+
+
+def photos(side=None):
+    """Real RGB photos bundled with scikit-image (no download)."""
+    from skimage import data
+    from PIL import Image
+
+    images = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket()]
+    if side:
+        images = [np.asarray(Image.fromarray(im).resize((side, side), Image.BILINEAR))
+                  for im in images]
+    return images
+
+
+def make_image_folder(root, per_class=6, corrupt=None, seed=0):
+    """root/{train,val}/{class}/*.jpg: random crops of real photos saved as JPEG, one class per
+    photo; `corrupt` names a split whose first class gets one truncated JPEG."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split in ("train", "val"):
+        for c, photo in enumerate(photos()):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for k in range(per_class):
+                h, w = rng.integers(60, 200, 2)
+                y, x = rng.integers(0, photo.shape[0] - h), rng.integers(0, photo.shape[1] - w)
+                Image.fromarray(photo[y:y + h, x:x + w]).save(folder / f"{k}.jpg", quality=90)
+        if corrupt == split:
+            good = (root / split / "class0" / "0.jpg").read_bytes()
+            (root / split / "class0" / "broken.jpg").write_bytes(good[: len(good) // 3])
+    return root

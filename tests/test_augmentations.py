@@ -1,0 +1,261 @@
+"""Each augmentation against torchvision's own transform with the same parameters: exactly (within
+one grey level, from float rounding) where the operation is deterministic, statistically where it
+is random. The per-image kernels and `augment_batch` are called directly: no loader to compile."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.functional as TF
+from torchvision.transforms import RandomResizedCrop as TVRandomResizedCrop
+
+import ffcv_ssl_common as C
+from conftest import photos
+
+
+@pytest.fixture(scope="module")
+def images():
+    """Four real photos at 64 x 64, uint8 HWC."""
+    return np.stack(photos(64))
+
+
+def tv(img, fn, *args):
+    """Apply a torchvision functional to one HWC uint8 numpy image, back to HWC uint8."""
+    out = fn(torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous(), *args)
+    return out.permute(1, 2, 0).numpy()
+
+
+def ours(img, fn, *args):
+    out = img.copy()
+    fn(out, *args)
+    return out
+
+
+def assert_close(a, b, max_off=1, max_share=0.01):
+    """Equal up to one grey level on at most 1% of the values (float32 rounding differences)."""
+    diff = np.abs(a.astype(int) - b.astype(int))
+    assert diff.max() <= max_off, f"max difference {diff.max()}"
+    assert (diff > 0).mean() <= max_share, f"{(diff > 0).mean():.2%} of values differ"
+
+
+@pytest.mark.parametrize("factor", [0.0, 0.6, 1.0, 1.4, 2.5])
+def test_brightness_contrast_saturation_match_torchvision(images, factor):
+    for img in images:
+        assert_close(ours(img, C.adjust_brightness_, factor), tv(img, TF.adjust_brightness, factor))
+        assert_close(ours(img, C.adjust_contrast_, factor), tv(img, TF.adjust_contrast, factor))
+        assert_close(ours(img, C.adjust_saturation_, factor),
+                     tv(img, TF.adjust_saturation, factor))
+
+
+@pytest.mark.parametrize("hue", [-0.5, -0.2, -0.05, 0.0, 0.1, 0.33, 0.5])
+def test_hue_matches_torchvision(images, hue):
+    for img in images:
+        assert_close(ours(img, C.adjust_hue_, hue), tv(img, TF.adjust_hue, hue))
+
+
+def test_hue_actually_rotates_colours(images):
+    # A guard against a no-op passing the test above: a real shift changes most pixels.
+    img = images[1]  # coffee: saturated colours
+    assert (ours(img, C.adjust_hue_, 0.3) != img).mean() > 0.5
+
+
+def test_grayscale_matches_torchvision(images):
+    for img in images:
+        out = ours(img, C.to_grayscale_)
+        assert np.array_equal(out, tv(img, TF.rgb_to_grayscale, 3))
+        assert np.array_equal(out[..., 0], out[..., 2])
+
+
+@pytest.mark.parametrize("threshold", [0, 64, 128, 200, 255])
+def test_solarize_matches_torchvision(images, threshold):
+    for img in images:
+        assert np.array_equal(ours(img, C.solarize_, np.uint8(threshold)),
+                              tv(img, TF.solarize, threshold))
+
+
+@pytest.mark.parametrize("kernel_size,sigma", [(3, 0.5), (7, 1.0), (7, 2.0), (23, 5.0)])
+def test_blur_matches_torchvision(images, kernel_size, sigma):
+    for img in images:
+        assert_close(ours(img, C.gaussian_blur_, kernel_size, sigma),
+                     tv(img, TF.gaussian_blur, [kernel_size, kernel_size], [sigma, sigma]))
+
+
+def test_blur_kernel_is_torchvisions():
+    from torchvision.transforms._functional_tensor import _get_gaussian_kernel1d
+
+    for k, s in [(3, 0.1), (9, 1.3), (23, 2.0)]:
+        ref = _get_gaussian_kernel1d(k, s, torch.float32, torch.device("cpu")).numpy()
+        np.testing.assert_allclose(C.gaussian_kernel1d(k, s), ref, rtol=1e-5, atol=1e-7)
+
+
+def test_flip_matches_numpy(images):
+    for img in images:
+        assert np.array_equal(ours(img, C.hflip_), img[:, ::-1])
+
+
+# ---- the random side: augment_batch, as the loader calls it ----
+def run(kind, images, consts, seed=0, indices=None):
+    indices = np.arange(len(images), dtype=np.uint64) if indices is None else indices
+    dst = np.empty_like(images)
+    return C.augment_batch(kind, images, dst, indices, np.uint64(seed),
+                           np.array(consts, np.float64))
+
+
+def constant_batch(n, value=(100, 150, 200), side=8):
+    return np.broadcast_to(np.array(value, np.uint8), (n, side, side, 3)).copy()
+
+
+@pytest.mark.parametrize("p", [0.0, 0.2, 0.5, 1.0])
+def test_probability_is_respected(p):
+    n = 4000
+    batch = constant_batch(n)
+    out = run(C.GRAYSCALE, batch, [p])
+    fired = (out != batch).any(axis=(1, 2, 3)).mean()
+    assert abs(fired - p) < 4 * math.sqrt(p * (1 - p) / n) + 1e-9  # 4 standard errors
+
+
+def test_input_is_not_modified_and_output_is_a_copy():
+    batch = constant_batch(64)
+    before = batch.copy()
+    out = run(C.SOLARIZE, batch, [1.0, 0])
+    assert np.array_equal(batch, before)
+    assert np.array_equal(out, 255 - before)
+
+
+def test_brightness_factors_are_uniform_in_range():
+    b = 0.4
+    n = 4000
+    batch = constant_batch(n, (100, 100, 100))
+    out = run(C.JITTER, batch, [1.0, b, 0.0, 0.0, 0.0]).astype(np.float64)
+    factors = out[:, 0, 0, 0] / 100.0
+    assert factors.min() >= 1 - b - 0.01 and factors.max() <= 1 + b + 0.01
+    assert factors.min() < 1 - b + 0.02 and factors.max() > 1 + b - 0.02  # the whole range is used
+    assert abs(factors.mean() - 1.0) < 0.01
+    assert abs(factors.std() - 2 * b / math.sqrt(12)) < 0.01  # uniform's standard deviation
+
+
+def test_hue_shifts_cover_the_range():
+    n, h = 2000, 0.1
+    batch = constant_batch(n, (200, 60, 60), side=2)  # a saturated red: hue 0
+    out = run(C.JITTER, batch, [1.0, 0.0, 0.0, 0.0, h])
+    hues = []
+    for img in out[:, 0, 0].astype(np.float64) / 255:
+        r, g, b = img
+        mx, mn = img.max(), img.min()
+        hue = ((g - b) / (mx - mn) / 6) if mx == r else ((2 + (b - r) / (mx - mn)) / 6 if mx == g
+                                                          else (4 + (r - g) / (mx - mn)) / 6)
+        hues.append((hue + 0.5) % 1.0 - 0.5)
+    hues = np.array(hues)
+    assert hues.min() >= -h - 0.01 and hues.max() <= h + 0.01
+    assert hues.min() < -h + 0.02 and hues.max() > h - 0.02
+    assert abs(hues.mean()) < 0.01
+
+
+def test_jitter_order_is_random():
+    # Each output must be torchvision's brightness-then-contrast or contrast-then-brightness with
+    # the image's own factors, and both orders must occur.
+    img = photos(32)[0]
+    n = 400
+    batch = np.broadcast_to(img, (n, *img.shape)).copy()
+    out = run(C.JITTER, batch, [1.0, 0.5, 0.5, 0.0, 0.0], seed=3)
+    key = np.uint64(C.batch_key(np.arange(n, dtype=np.uint64), np.uint64(3)))
+    orders = set()
+    for i in range(n):
+        k = np.uint64(C.sample_key(key, i))  # numba hands back a Python int
+        fb, fc = 0.5 + 1.0 * C.uniform(k, 1), 0.5 + 1.0 * C.uniform(k, 2)
+        b_first = tv(tv(img, TF.adjust_brightness, fb), TF.adjust_contrast, fc)
+        c_first = tv(tv(img, TF.adjust_contrast, fc), TF.adjust_brightness, fb)
+        d_b = np.abs(out[i].astype(int) - b_first).max()
+        d_c = np.abs(out[i].astype(int) - c_first).max()
+        assert min(d_b, d_c) <= 1
+        if d_b != d_c:
+            orders.add(d_b < d_c)
+    assert orders == {True, False}
+
+
+def test_blur_sigma_range():
+    # A single bright pixel: its blurred peak falls as sigma grows; the peaks must span what
+    # sigma in [0.1, 2.0] gives, and nothing outside it.
+    n, k = 3000, 9
+    batch = np.zeros((n, 15, 15, 3), np.uint8)
+    batch[:, 7, 7] = 255
+    out = run(C.BLUR, batch, [1.0, k, 0.1, 2.0])
+    peaks = out[:, 7, 7, 0].astype(int)
+
+    def peak(sigma):
+        g = C.gaussian_kernel1d(k, sigma)
+        return round(255 * g[k // 2] ** 2)
+
+    assert peaks.max() <= peak(0.1) and peaks.min() >= peak(2.0) - 1
+    assert (peaks == peak(0.1)).any() or peaks.max() >= peak(0.3)
+    assert peaks.min() <= peak(1.9)
+
+
+def test_noise_statistics():
+    n, std = 200, 0.05
+    batch = constant_batch(n, (128, 128, 128), side=16)
+    out = run(C.NOISE, batch, [1.0, std]).astype(np.float64) - 128
+    assert abs(out.mean()) < 0.2
+    assert abs(out.std() - std * 255) < 0.3
+    # independent per pixel and channel: neighbours uncorrelated
+    assert abs(np.corrcoef(out[..., 0].ravel(), out[..., 1].ravel())[0, 1]) < 0.02
+
+
+def test_same_seed_same_batch_different_seed_or_batch_differs():
+    batch = np.stack(photos(32) * 8)
+    a = run(C.JITTER, batch, [0.8, 0.4, 0.4, 0.2, 0.1], seed=1)
+    b = run(C.JITTER, batch, [0.8, 0.4, 0.4, 0.2, 0.1], seed=1)
+    c = run(C.JITTER, batch, [0.8, 0.4, 0.4, 0.2, 0.1], seed=2)
+    shuffled = np.arange(len(batch), dtype=np.uint64)[::-1].copy()  # other batch content
+    d = run(C.JITTER, batch, [0.8, 0.4, 0.4, 0.2, 0.1], seed=1, indices=shuffled)
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c) and not np.array_equal(a, d)
+
+
+def test_uniform_and_normal_streams():
+    keys = [np.uint64(C.sample_key(np.uint64(C.batch_key(np.arange(5, dtype=np.uint64), 0)), i))
+            for i in range(50)]
+    u = np.array([C.uniform(k, c) for k in keys for c in range(200)])
+    z = np.array([C.normal(k, c) for k in keys for c in range(200)])
+    assert u.min() >= 0 and u.max() < 1
+    assert abs(u.mean() - 0.5) < 0.01 and abs(u.var() - 1 / 12) < 0.003
+    assert abs(z.mean()) < 0.03 and abs(z.std() - 1) < 0.03
+    assert np.histogram(u, bins=10)[0].min() > 900  # 10k values: ~1000 per bin
+
+
+def test_crop_boxes_follow_torchvisions_distribution():
+    """Our box sampler and torchvision's get_params on a 200 x 100 image: same statistics of area
+    and (log) aspect ratio, and the aspect ratio really varies (the FFCV-SSL fork's did not)."""
+    H, W, n = 100, 200, 4000
+    scale, ratio = (0.08, 1.0), (3 / 4, 4 / 3)
+    log_ratio = np.log(np.array(ratio))
+    key = np.uint64(C.batch_key(np.arange(7, dtype=np.uint64), np.uint64(0)))
+    ours_boxes = np.array([C.random_crop_box(np.uint64(C.sample_key(key, i)), H, W,
+                                             np.array(scale), log_ratio) for i in range(n)])
+    torch.manual_seed(0)
+    img = torch.zeros(3, H, W)
+    tv_boxes = np.array([TVRandomResizedCrop.get_params(img, list(scale), list(ratio))
+                         for _ in range(n)])
+    for boxes in (ours_boxes, tv_boxes):
+        i, j, h, w = boxes.T
+        assert (i >= 0).all() and (j >= 0).all() and (i + h <= H).all() and (j + w <= W).all()
+    a_ours = ours_boxes[:, 2] * ours_boxes[:, 3] / (H * W)
+    a_tv = tv_boxes[:, 2] * tv_boxes[:, 3] / (H * W)
+    r_ours = np.log(ours_boxes[:, 3] / ours_boxes[:, 2])
+    r_tv = np.log(tv_boxes[:, 3] / tv_boxes[:, 2])
+    assert abs(a_ours.mean() - a_tv.mean()) < 0.02
+    assert abs(r_ours.mean() - r_tv.mean()) < 0.02 and abs(r_ours.std() - r_tv.std()) < 0.02
+    assert r_ours.std() > 0.1  # aspect ratio jitter is real
+    assert r_ours.min() < np.log(0.8) and r_ours.max() > np.log(1.25)
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="odd"):
+        C.RandomGaussianBlur(4)
+    with pytest.raises(ValueError, match="probability"):
+        C.RandomGrayscale(1.5)
+    with pytest.raises(ValueError, match="hue"):
+        C.RandomColorJitter(hue=0.7)
+    with pytest.raises(ValueError, match="threshold"):
+        C.RandomSolarization(300)

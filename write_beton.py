@@ -1,0 +1,265 @@
+"""Turn a data set into FFCV .beton files: one per split, each with an RGB `image` and an int `label`.
+
+    python write_beton.py                                  # Fashion-MNIST, offline (Debian package)
+    python write_beton.py --dataset cifar10 --data-dir ~/data/cifar10          # torchvision layout
+    python write_beton.py --dataset imagefolder --data-dir /data/imagenet --name imagenet \
+        --max-resolution 256 --write-mode proportion --compress-probability 0.5 --jpeg-quality 90
+
+Writes `<out-dir>/<name>_<split>.beton` (train and val; STL-10 also has `unlabeled`, label -1).
+Grayscale sources are stored as RGB so that every pipeline sees three channels. Each file is written
+under a temporary name and renamed when complete, so a file that exists is a finished one.
+"""
+
+import gzip
+import os
+import struct
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import tyro
+from ffcv.fields import IntField, RGBImageField
+from ffcv.writer import DatasetWriter
+from PIL import Image
+
+DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+
+
+@dataclass
+class Args:
+    dataset: Literal["fashion-mnist", "cifar10", "cifar100", "stl10", "imagefolder"] = "fashion-mnist"
+    """Source data set."""
+    data_dir: str | None = None
+    """fashion-mnist: folder with the four idx files (default: the Debian package's); cifar/stl10:
+    torchvision root, downloaded there if missing and online; imagefolder: a root holding train/ and
+    val/, each with one folder per class (ImageNet layout)."""
+    out_dir: str = "data"
+    """Where to write the .beton files."""
+    name: str | None = None
+    """File name prefix (default: the data set's name)."""
+    max_resolution: int | None = None
+    """Downscale images whose longer side exceeds this (None keeps the original size)."""
+    write_mode: Literal["raw", "jpg", "proportion", "smart"] = "raw"
+    """raw: uint8 pixels (fastest to read); jpg: JPEG (smallest); proportion: JPEG for a random
+    share of the images (compress_probability); smart: JPEG when raw would exceed smart_threshold."""
+    jpeg_quality: int = 90
+    """JPEG quality, 1-100."""
+    compress_probability: float = 0.5
+    """Share of images stored as JPEG in 'proportion' mode."""
+    smart_threshold: int = 256 * 256 * 3
+    """In 'smart' mode, images whose raw pixels take more bytes than this are stored as JPEG."""
+    num_workers: int = 2
+    """Writer processes."""
+    subset: int = 0
+    """Keep this many images per split, drawn at random with `seed` (0 keeps all)."""
+    seed: int = 0
+    """Seed for the subset draw."""
+    overwrite: bool = False
+    """Replace existing .beton files instead of stopping."""
+
+
+# ---- Sources: each returns {split: indexable of (HxWx3 uint8 array or PIL RGB image, int label)} ----
+def _read_idx(path: str) -> np.ndarray:
+    """An idx file (the MNIST format): big-endian magic, dims, then uint8 data."""
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            zero, dtype, ndim = struct.unpack(">HBB", f.read(4))
+            if zero != 0 or dtype != 0x08:
+                raise ValueError("not a uint8 idx file")
+            shape = struct.unpack(f">{ndim}I", f.read(4 * ndim))
+            data = np.frombuffer(f.read(), np.uint8)
+        return data.reshape(shape)
+    except (OSError, ValueError, struct.error, EOFError) as err:
+        raise SystemExit(f"error: cannot read idx file {path}: {err}") from err
+
+
+class ArrayDataset:
+    """Images as a (N, H, W) gray or (N, H, W, 3) uint8 array; gray is repeated to RGB."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray):
+        if len(images) != len(labels):
+            raise SystemExit(f"error: {len(images)} images but {len(labels)} labels")
+        self.images, self.labels = images, labels
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        image = self.images[i]
+        if image.ndim == 2:
+            image = np.repeat(image[:, :, None], 3, axis=2)
+        return np.ascontiguousarray(image), int(self.labels[i])
+
+
+def fashion_mnist(data_dir: str | None) -> dict:
+    root = data_dir or DEBIAN_FASHION_MNIST
+    splits = {}
+    for split, prefix in (("train", "train"), ("val", "t10k")):
+        paths = []
+        for kind in ("images-idx3-ubyte", "labels-idx1-ubyte"):
+            found = [p for p in (f"{root}/{prefix}-{kind}.gz", f"{root}/{prefix}-{kind}")
+                     if os.path.isfile(p)]
+            if not found:
+                if data_dir is None:
+                    raise SystemExit(f"error: {root}/{prefix}-{kind}.gz not found; install Debian's "
+                                     f"dataset-fashion-mnist (make install) or pass --data-dir")
+                raise SystemExit(f"error: {root}/{prefix}-{kind}[.gz] not found (--data-dir should "
+                                 f"hold the four Fashion-MNIST idx files)")
+            paths.append(found[0])
+        splits[split] = ArrayDataset(_read_idx(paths[0]), _read_idx(paths[1]))
+    return splits
+
+
+class RGBDataset:
+    """A torchvision data set whose PIL images are converted to RGB."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        image, label = self.dataset[i]
+        return image.convert("RGB"), int(label)
+
+
+def torchvision_source(dataset: str, data_dir: str | None) -> dict:
+    import torchvision.datasets as tvd
+
+    root = data_dir or os.path.join("data", "raw", dataset)
+
+    def load(cls, **kwargs):
+        try:
+            return RGBDataset(cls(root, download=True, **kwargs))
+        except Exception as err:  # no network, checksum mismatch, partial download...
+            raise SystemExit(f"error: cannot load {dataset} from {root} ({type(err).__name__}: "
+                             f"{err}); put torchvision's files there or run where downloads "
+                             f"work") from err
+
+    if dataset == "cifar10":
+        return {"train": load(tvd.CIFAR10, train=True), "val": load(tvd.CIFAR10, train=False)}
+    if dataset == "cifar100":
+        return {"train": load(tvd.CIFAR100, train=True), "val": load(tvd.CIFAR100, train=False)}
+    return {"train": load(tvd.STL10, split="train"), "unlabeled": load(tvd.STL10, split="unlabeled"),
+            "val": load(tvd.STL10, split="test")}
+
+
+def _path_only(path):
+    return path
+
+
+class ImageFolderDataset:
+    """train/<class>/<image> trees. An unreadable image is recorded in `error_log` (one line per
+    file, appended, so worker processes can share it) and replaced by a black pixel: ffcv's writer
+    waits forever for a worker that died, so we must not raise inside one."""
+
+    def __init__(self, root: str, error_log: str):
+        from torchvision.datasets import ImageFolder
+
+        if not os.path.isdir(root):
+            raise SystemExit(f"error: image folder {root} does not exist (expected --data-dir to "
+                             f"hold train/ and val/, one sub-folder per class)")
+        try:
+            self.folder = ImageFolder(root, loader=_path_only)  # we decode in __getitem__
+        except (FileNotFoundError, RuntimeError) as err:
+            raise SystemExit(f"error: no images in {root} ({err})") from err
+        self.error_log = error_log
+
+    def __len__(self):
+        return len(self.folder)
+
+    def __getitem__(self, i):
+        path, label = self.folder.samples[i]
+        try:
+            with Image.open(path) as image:
+                return image.convert("RGB"), label  # convert() decodes all of it: truncation shows
+        except Exception as err:  # noqa: BLE001 - reported by the parent process
+            with open(self.error_log, "a") as log:
+                log.write(f"{path}: {type(err).__name__}: {err}\n".replace("\n", " ") + "\n")
+            return np.zeros((1, 1, 3), np.uint8), label
+
+
+def imagefolder(data_dir: str | None, error_log: str) -> dict:
+    if data_dir is None:
+        raise SystemExit("error: --dataset imagefolder needs --data-dir (a root with train/ and val/)")
+    return {split: ImageFolderDataset(os.path.join(data_dir, split), error_log)
+            for split in ("train", "val")}
+
+
+# ---- Writing ----
+def write_split(dataset, path: str, args: Args, error_log: str) -> None:
+    indices = np.arange(len(dataset))
+    if args.subset:
+        indices = np.sort(np.random.default_rng(args.seed).permutation(len(dataset))[: args.subset])
+    if len(indices) == 0:
+        raise SystemExit(f"error: no images for {path}")
+    fields = {
+        "image": RGBImageField(write_mode=args.write_mode, max_resolution=args.max_resolution,
+                               smart_threshold=args.smart_threshold,
+                               jpeg_quality=args.jpeg_quality,
+                               compress_probability=args.compress_probability),
+        "label": IntField(),
+    }
+    # Same folder, so the final rename is atomic; a crash leaves only a *.tmp file behind.
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp",
+                               dir=os.path.dirname(path) or ".")
+    os.close(fd)
+    start = time.time()
+    try:
+        DatasetWriter(tmp, fields, num_workers=args.num_workers).from_indexed_dataset(
+            dataset, indices=indices.tolist(), chunksize=100)
+        if os.path.exists(error_log) and os.path.getsize(error_log):
+            with open(error_log) as log:
+                bad = log.read().splitlines()
+            raise SystemExit(f"error: {len(bad)} unreadable image(s), first: {bad[0]}; remove or "
+                             f"replace them and run again (nothing was written to {path})")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it private; give it the usual permissions
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    size = os.path.getsize(path) / 2**20
+    print(f"wrote {path}: {len(indices)} images, {size:.1f} MiB, {time.time() - start:.1f} s")
+
+
+def main(args: Args) -> list[str]:
+    if not 1 <= args.jpeg_quality <= 100:
+        raise SystemExit(f"error: --jpeg-quality must be in 1..100, got {args.jpeg_quality}")
+    if not 0.0 <= args.compress_probability <= 1.0:
+        raise SystemExit("error: --compress-probability must be in [0, 1]")
+    if args.max_resolution is not None and args.max_resolution < 8:
+        raise SystemExit(f"error: --max-resolution {args.max_resolution} is too small (>= 8)")
+    name = args.name or args.dataset
+    os.makedirs(args.out_dir, exist_ok=True)
+    error_log = os.path.join(args.out_dir, f".{name}.errors.{os.getpid()}")
+    if args.dataset == "fashion-mnist":
+        splits = fashion_mnist(args.data_dir)
+    elif args.dataset == "imagefolder":
+        splits = imagefolder(args.data_dir, error_log)
+    else:
+        splits = torchvision_source(args.dataset, args.data_dir)
+    paths = {split: os.path.join(args.out_dir, f"{name}_{split}.beton") for split in splits}
+    existing = [p for p in paths.values() if os.path.exists(p)]
+    if existing and not args.overwrite:
+        raise SystemExit(f"error: {existing[0]} exists; pass --overwrite to replace it")
+    try:
+        for split, dataset in splits.items():
+            write_split(dataset, paths[split], args, error_log)
+    finally:
+        if os.path.exists(error_log):
+            os.remove(error_log)
+    return list(paths.values())
+
+
+if __name__ == "__main__":
+    try:
+        main(tyro.cli(Args))
+    except KeyboardInterrupt:
+        sys.exit("interrupted: no partial .beton was left behind")
