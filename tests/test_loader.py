@@ -1,0 +1,178 @@
+"""The loaders on a small .beton that write_beton.py wrote from test-made idx files: shapes,
+dtypes, labels, value ranges, reproducibility, shared crops, and the error paths. Loaders compile
+for seconds each, so each one is built once per module."""
+
+import os
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import ffcv_ssl_common as C
+from conftest import label_images
+
+MEAN = torch.tensor(C.IMAGENET_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
+STD = torch.tensor(C.IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1)
+
+
+def first(loader):
+    return next(iter(loader))
+
+
+@pytest.fixture(scope="module")
+def train(betons):
+    return C.make_ssl_loader(betons["train"], C.byol_views(32), batch_size=64, num_workers=2,
+                             seed=0)
+
+
+@pytest.fixture(scope="module")
+def eval_raw(betons):
+    return C.make_eval_loader(betons["val"], 28, batch_size=32, normalize=False)
+
+
+def test_train_batches_shapes_dtypes_ranges(train):
+    assert len(train) == 320 // 64
+    labels = []
+    for x1, x2, y in train:
+        for x in (x1, x2):
+            assert x.shape == (64, 3, 32, 32) and x.dtype == torch.float32
+            assert x.is_contiguous(memory_format=torch.channels_last)
+            assert (x >= (0 - MEAN) / STD - 1e-4).all() and (x <= (255 - MEAN) / STD + 1e-4).all()
+        assert y.shape == (64,) and y.dtype == torch.int64
+        assert not torch.equal(x1, x2)  # two views of one image differ
+        labels.append(y)
+    labels = torch.cat(labels)
+    assert torch.equal(torch.bincount(labels, minlength=10), torch.full((10,), 32))  # each once
+
+
+def test_epochs_differ_and_same_seed_same_batches(train, betons):
+    start = train.next_epoch
+    a = first(train)
+    b = first(train)  # next epoch: new order, new views
+    assert not torch.equal(a[2], b[2]) and not torch.equal(a[0], b[0])
+    # A new loader, same seed, one worker thread instead of two, set to the same epoch (as a
+    # resumed run does): the same batches.
+    again = C.make_ssl_loader(betons["train"], C.byol_views(32), batch_size=64, num_workers=1,
+                              seed=0)
+    again.next_epoch = start
+    c, d = first(again), first(again)
+    for x, y in zip(a + b, c + d):
+        assert torch.equal(x, y)
+
+
+def test_eval_loader_returns_the_written_pixels_in_order(eval_raw, idx_dir):
+    """Round trip: idx -> write_beton -> beton -> loader gives back every pixel, gray as RGB."""
+    images, labels = label_images(100, seed=1)
+    xs, ys = zip(*eval_raw)
+    x, y = torch.cat(xs), torch.cat(ys)
+    assert x.shape == (100, 3, 28, 28) and x.dtype == torch.uint8  # no drop_last
+    assert torch.equal(y, torch.from_numpy(labels.astype(np.int64)))
+    expected = torch.from_numpy(images).unsqueeze(1).expand(-1, 3, -1, -1)
+    assert torch.equal(x, expected)
+
+
+def test_normalisation_cpu_and_gpu_style_pipelines_agree(betons, eval_raw):
+    raw = torch.cat([x for x, _ in eval_raw]).float()
+    cpu = C.make_eval_loader(betons["val"], 28, batch_size=32)
+    got = torch.cat([x for x, _ in cpu])
+    torch.testing.assert_close(got, (raw - MEAN) / STD, rtol=0, atol=1e-5)
+    # The CUDA tail (ToDevice non_blocking, channels_last, normalise on the device), run on the
+    # CPU so this machine can check it.
+    from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
+
+    device = torch.device("cpu")
+    pipelines = {"image": [CenterCropRGBImageDecoder((28, 28), 1.0)]
+                 + C._to_output(device, normalize=True, on_gpu=True),
+                 "label": C._label_pipeline(device, on_gpu=True)}
+    gpu_style = C.SSLLoader(betons["val"], outputs=["image", "label"], batch_size=32,
+                            num_workers=1, pipelines=pipelines, drop_last=False)
+    xs = [x for x, _ in gpu_style]
+    assert all(x.is_contiguous(memory_format=torch.channels_last) for x in xs)
+    torch.testing.assert_close(torch.cat(xs), got, rtol=0, atol=1e-5)
+
+
+def test_shared_crop_branches_share_the_crop(betons):
+    """Instance SimCLR's positives: one crop, two noise draws. Independent crops differ far more."""
+    view = C.ViewConfig(resolution=28, crop_scale=(0.2, 0.5), flip_p=0, jitter_p=0,
+                        grayscale_p=0, noise_p=1.0, noise_std=0.02)
+    shared = C.make_ssl_loader(betons["train"], [view, view], batch_size=64, shared_crop=True,
+                               normalize=False)
+    apart = C.make_ssl_loader(betons["train"], [view, view], batch_size=64, normalize=False)
+    s1, s2, _ = first(shared)
+    a1, a2, _ = first(apart)
+    d_shared = (s1.float() - s2.float()).abs().mean().item()
+    d_apart = (a1.float() - a2.float()).abs().mean().item()
+    assert not torch.equal(s1, s2)  # the noise differs
+    # Two noise draws of std s apart: E|N(0, 2 s^2)| = 2 s / sqrt(pi) ~ 5.8 grey levels for
+    # s = 0.02 * 255 (a little less where clipping at 0 or 255 cuts the noise).
+    expected = 2 * 0.02 * 255 / np.sqrt(np.pi)
+    assert 0.7 * expected < d_shared < 1.05 * expected, (d_shared, expected)
+    assert d_apart > 3 * d_shared, (d_apart, d_shared)
+
+
+def test_preview_writes_a_grid(betons, tmp_path):
+    out = tmp_path / "views.png"
+    C.preview(C.PreviewArgs(beton=betons["train"], out=str(out), resolution=32, num_images=3,
+                            num_views=4))
+    with Image.open(out) as im:
+        assert im.size == (5 * 34 + 2, 3 * 34 + 2)  # torchvision's grid: 2 px padding
+        assert np.asarray(im).std() > 10  # a picture, not a blank
+    assert not list(tmp_path.glob("*.tmp*"))
+
+
+# ---- errors: a clear message, never a hang ----
+def test_missing_and_corrupt_beton(tmp_path, betons):
+    with pytest.raises(FileNotFoundError, match="write_beton.py"):
+        C.make_ssl_loader(str(tmp_path / "nope.beton"), C.simclr_views(), batch_size=8)
+    truncated = tmp_path / "truncated.beton"
+    truncated.write_bytes(open(betons["val"], "rb").read()[:50_000])
+    garbage = tmp_path / "garbage.beton"
+    garbage.write_bytes(os.urandom(4096))
+    for bad in (truncated, garbage):
+        with pytest.raises(ValueError, match="not a valid .beton"):
+            C.make_eval_loader(str(bad), 28, batch_size=8)
+
+
+def test_beton_without_expected_fields(tmp_path):
+    from ffcv.fields import IntField
+    from ffcv.writer import DatasetWriter
+
+    path = str(tmp_path / "numbers.beton")
+    DatasetWriter(path, {"number": IntField()}, num_workers=1).from_indexed_dataset(
+        [(i,) for i in range(10)])
+    with pytest.raises(ValueError, match="expected an RGB 'image'"):
+        C.make_ssl_loader(path, C.simclr_views(), batch_size=4)
+
+
+def test_batch_larger_than_data(betons):
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        C.make_ssl_loader(betons["val"], C.simclr_views(), batch_size=1000)
+
+
+class Boom(torch.nn.Module):
+    def forward(self, x):
+        raise RuntimeError("boom in the pipeline")
+
+
+def test_error_in_loading_thread_reaches_the_training_loop(betons):
+    from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
+    from ffcv.transforms import ToTensor
+
+    loader = C.SSLLoader(betons["val"], outputs=["image"], batch_size=10, num_workers=1,
+                         pipelines={"image": [CenterCropRGBImageDecoder((28, 28), 1.0),
+                                              ToTensor(), Boom()], "label": None})
+    caught = []
+
+    def consume():
+        try:
+            next(iter(loader))
+        except RuntimeError as err:
+            caught.append(err)
+
+    worker = threading.Thread(target=consume, daemon=True)
+    worker.start()
+    worker.join(timeout=120)
+    assert not worker.is_alive(), "the loader hung instead of raising"
+    assert caught and "boom in the pipeline" in str(caught[0])

@@ -1,0 +1,154 @@
+"""write_beton.py on data the tests make: Fashion-MNIST-format idx files and image folders of real
+JPEGs, the write modes and options, and every bad input it must refuse with one clear line."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from ffcv.reader import Reader
+
+import write_beton
+from conftest import ROOT, make_image_folder, photos
+
+
+def args(**kw):
+    return write_beton.Args(num_workers=1, **kw)
+
+
+def modes(path):
+    return Reader(path).metadata["f0"]["mode"]  # 0: jpg, 1: raw
+
+
+def test_fashion_mnist_round_trip_and_subset(idx_dir, tmp_path):
+    out = tmp_path / "out"
+    paths = write_beton.main(args(data_dir=str(idx_dir), out_dir=str(out), subset=50, seed=3))
+    assert [os.path.basename(p) for p in paths] == ["fashion-mnist_train.beton",
+                                                    "fashion-mnist_val.beton"]
+    for p in paths:
+        reader = Reader(p)
+        assert reader.num_samples == 50
+        meta = reader.metadata["f0"]
+        assert (meta["height"] == 28).all() and (meta["width"] == 28).all()
+        assert (modes(p) == 1).all()
+    assert sorted(os.listdir(out)) == ["fashion-mnist_train.beton", "fashion-mnist_val.beton"]
+
+
+def test_refuses_to_overwrite_unless_asked(idx_dir, tmp_path):
+    write_beton.main(args(data_dir=str(idx_dir), out_dir=str(tmp_path), subset=10))
+    before = os.path.getmtime(tmp_path / "fashion-mnist_train.beton")
+    with pytest.raises(SystemExit, match="exists; pass --overwrite"):
+        write_beton.main(args(data_dir=str(idx_dir), out_dir=str(tmp_path), subset=10))
+    write_beton.main(args(data_dir=str(idx_dir), out_dir=str(tmp_path), subset=20,
+                          overwrite=True))
+    assert Reader(str(tmp_path / "fashion-mnist_train.beton")).num_samples == 20
+    assert os.path.getmtime(tmp_path / "fashion-mnist_train.beton") >= before
+
+
+@pytest.fixture(scope="module")
+def jpeg_folder(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("folder"))
+
+
+def test_image_folder_of_real_jpegs(jpeg_folder, tmp_path):
+    paths = write_beton.main(args(dataset="imagefolder", data_dir=str(jpeg_folder),
+                                  out_dir=str(tmp_path), name="photos", max_resolution=64,
+                                  write_mode="jpg", jpeg_quality=85))
+    train = Reader(paths[0])
+    assert train.num_samples == 24
+    meta = train.metadata["f0"]
+    assert max(meta["height"].max(), meta["width"].max()) == 64  # downscaled, aspect kept
+    assert (modes(paths[0]) == 0).all()
+    labels = train.metadata["f1"]
+    assert np.array_equal(labels, np.repeat(np.arange(4), 6))  # ImageFolder's class order
+
+    # Pixels: each decoded image's mean colour matches its source JPEG's, centre-cropped the same
+    # way (JPEG at quality 85 and downscaling change pixels a little, not the average).
+    import ffcv_ssl_common as C
+    import torch
+    from PIL import Image
+
+    loader = C.make_eval_loader(paths[0], 32, batch_size=24, normalize=False, num_workers=1)
+    x, y = next(iter(loader))
+    assert torch.equal(y, torch.from_numpy(labels.astype(np.int64)))
+    sources = sorted((jpeg_folder / "train").glob("class*/*.jpg"))
+    for decoded, source in zip(x, sources):
+        with Image.open(source) as im:
+            w, h = im.size
+            s = min(w, h)
+            crop = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+            expected = np.asarray(crop, np.float64).mean(axis=(0, 1))
+        got = decoded.double().mean(dim=(1, 2)).numpy()
+        assert np.abs(got - expected).max() < 6, (source, got, expected)
+
+
+def test_write_modes_proportion_and_smart(jpeg_folder, tmp_path):
+    p = write_beton.main(args(dataset="imagefolder", data_dir=str(jpeg_folder),
+                              out_dir=str(tmp_path / "p"), write_mode="proportion",
+                              compress_probability=0.5))[0]
+    share = (modes(p) == 0).mean()
+    assert 0.15 < share < 0.85  # 24 coin flips at 0.5
+    s = write_beton.main(args(dataset="imagefolder", data_dir=str(jpeg_folder),
+                              out_dir=str(tmp_path / "s"), write_mode="smart",
+                              smart_threshold=100 * 100 * 3))[0]
+    meta = Reader(s).metadata["f0"]
+    big = meta["height"].astype(int) * meta["width"] * 3 > 100 * 100 * 3
+    assert np.array_equal(modes(s) == 0, big)
+
+
+def test_unreadable_image_stops_with_its_name_and_leaves_nothing(tmp_path):
+    folder = make_image_folder(tmp_path / "src", per_class=2, corrupt="train")
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match=r"unreadable image.*broken\.jpg"):
+        write_beton.main(args(dataset="imagefolder", data_dir=str(folder), out_dir=str(out)))
+    assert os.listdir(out) == []  # no .beton, no temporary file, no error log
+
+
+@pytest.mark.parametrize("setup,message", [
+    ("missing", "does not exist"),
+    ("empty", "no images in"),
+])
+def test_bad_image_folders(tmp_path, setup, message):
+    root = tmp_path / "root"
+    if setup == "empty":
+        (root / "train").mkdir(parents=True)
+        (root / "val").mkdir()
+    with pytest.raises(SystemExit, match=message):
+        write_beton.main(args(dataset="imagefolder", data_dir=str(root), out_dir=str(tmp_path)))
+
+
+def test_bad_fashion_mnist_sources(tmp_path):
+    with pytest.raises(SystemExit, match=r"train-images-idx3-ubyte\[\.gz\] not found"):
+        write_beton.main(args(data_dir=str(tmp_path), out_dir=str(tmp_path / "o")))
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+                 "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        (tmp_path / name).write_bytes(b"this is not gzip")
+    with pytest.raises(SystemExit, match="cannot read idx file"):
+        write_beton.main(args(data_dir=str(tmp_path), out_dir=str(tmp_path / "o")))
+
+
+def test_bad_options(idx_dir, tmp_path):
+    with pytest.raises(SystemExit, match="jpeg-quality"):
+        write_beton.main(args(data_dir=str(idx_dir), out_dir=str(tmp_path), jpeg_quality=0))
+    with pytest.raises(SystemExit, match="needs --data-dir"):
+        write_beton.main(args(dataset="imagefolder", out_dir=str(tmp_path)))
+
+
+def test_offline_torchvision_source_fails_clearly(tmp_path):
+    # No network here: torchvision's download fails; the message says what to do.
+    with pytest.raises(SystemExit, match="cannot load cifar10 from"):
+        write_beton.main(args(dataset="cifar10", data_dir=str(tmp_path / "raw"),
+                              out_dir=str(tmp_path)))
+
+
+def test_cli_unknown_dataset():
+    run = subprocess.run([sys.executable, "write_beton.py", "--dataset", "mnist3d"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0
+    assert "mnist3d" in run.stderr and "fashion-mnist" in run.stderr
+
+
+def test_photos_are_real():
+    # The realistic-JPEG tests rely on scikit-image's bundled photos being actual photographs.
+    assert all(p.ndim == 3 and p.std() > 30 for p in photos())
