@@ -805,6 +805,7 @@ def preview(args: PreviewArgs) -> str:
     originals, _ = next(iter(plain))
     grid = torch.stack([originals] + augmented, dim=1)  # (n, 1 + views, 3, R, R)
     grid = grid.flatten(0, 1).float() / 255
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     tmp = args.out + ".tmp.png"
     torchvision.utils.save_image(grid, tmp, nrow=1 + args.num_views, padding=2, pad_value=1.0)
     os.replace(tmp, args.out)
