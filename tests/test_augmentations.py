@@ -217,7 +217,9 @@ def test_uniform_and_normal_streams():
     keys = [np.uint64(C.sample_key(np.uint64(C.batch_key(np.arange(5, dtype=np.uint64), 0)), i))
             for i in range(50)]
     u = np.array([C.uniform(k, c) for k in keys for c in range(200)])
-    z = np.array([C.normal(k, c) for k in keys for c in range(200)])
+    z = np.array([C.normal_pair(k, c) for k in keys for c in range(200)])
+    assert abs(np.corrcoef(z[:, 0], z[:, 1])[0, 1]) < 0.03  # the pair is independent
+    z = z.ravel()
     assert u.min() >= 0 and u.max() < 1
     assert abs(u.mean() - 0.5) < 0.01 and abs(u.var() - 1 / 12) < 0.003
     assert abs(z.mean()) < 0.03 and abs(z.std() - 1) < 0.03
