@@ -1,4 +1,5 @@
-# make demo: install, write the Fashion-MNIST .beton files, preview the augmentations.
+# make demo: install, write the Fashion-MNIST .beton files, preview the augmentations, train
+#            SimCLR briefly on the CPU, probe it and a random init, print both.
 # make test: install, run the test suite.
 PYTHON ?= python3
 VENV   := .venv
@@ -21,12 +22,14 @@ $(DATA)/fashion-mnist_train.beton: | install
 demo: install $(DATA)/fashion-mnist_train.beton
 	$(PY) ffcv_ssl_common.py --beton $(DATA)/fashion-mnist_train.beton --preset simclr --out runs/views_simclr.png
 	$(PY) ffcv_ssl_common.py --beton $(DATA)/fashion-mnist_train.beton --preset byol --out runs/views_byol.png
+	$(PY) benchmarks/bench_fashion_mnist.py --quick
 
 test: install
 	$(PY) -m pytest -q
 
-bench: install
+bench: install $(DATA)/fashion-mnist_train.beton
 	$(PY) benchmarks/bench_loader.py
+	$(PY) benchmarks/bench_fashion_mnist.py
 
 clean:
 	rm -rf $(VENV) __pycache__ tests/__pycache__ runs

@@ -1,0 +1,247 @@
+"""Offline evaluation of a backbone: linear probe, MLP probe and k-NN on frozen features.
+
+    python probe.py --backbone runs/simclr/backbone.pt              # any method file's export
+    python probe.py --backbone runs/simclr/backbone.pt --random-init   # the baseline to beat
+    python probe.py --backbone my_weights.pt --arch resnet50 --stem imagenet   # a plain state dict
+
+Features of the train and validation .beton files (centre crop, no augmentation) are extracted
+once and cached next to the backbone, so trying heads takes seconds. `--augment` instead trains
+the heads on randomly cropped and flipped views, as the standard linear evaluation does (slower:
+the backbone runs every epoch). Prints top-1 / top-5 and saves them to probe_<name>.json.
+"""
+
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+import tyro
+
+from ffcv_ssl_common import ViewConfig, make_eval_loader, make_ssl_loader, subset_indices
+
+
+@dataclass
+class Args:
+    backbone: str = "runs/simclr/backbone.pt"
+    """A backbone state dict (saved by simclr.py, barlowtwins.py, ...: backbone.json beside it
+    says how to build it) or any torchvision ResNet state dict (then give --arch and --stem)."""
+    train_beton: str = "data/fashion-mnist_train.beton"
+    val_beton: str = "data/fashion-mnist_val.beton"
+    num_classes: int = 10
+    arch: str | None = None
+    """Architecture; default: from backbone.json."""
+    stem: Literal["from-json", "small", "imagenet"] = "from-json"
+    """small: 3x3 stride-1 conv without max-pool; default: from backbone.json."""
+    resolution: int = 0
+    """Input side in pixels; 0: the training resolution from backbone.json (else 32)."""
+    random_init: bool = False
+    """Probe the same architecture with random weights instead: the baseline SSL must beat."""
+    heads: tuple[Literal["linear", "mlp", "knn"], ...] = ("linear", "mlp", "knn")
+    mlp_dims: tuple[int, ...] = (1024,)
+    """Hidden widths of the MLP head (Linear-BN-ReLU each)."""
+    epochs: int = 30
+    """Epochs of head training."""
+    lr: float = 1e-3
+    """AdamW learning rate of the heads (cosine decay)."""
+    weight_decay: float = 5e-4
+    batch_size: int = 1024
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    """k-NN votes weighted by exp(cosine similarity / T) (Wu et al. 2018)."""
+    augment: bool = False
+    """Train the heads on random crops + flips of the train set (backbone frozen) instead of
+    cached centre-crop features."""
+    train_subset: int = 0
+    """Fit the heads on this many training images drawn with `seed` (0: all); for quick looks."""
+    num_workers: int = 2
+    seed: int = 0
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    out: str = ""
+    """Results JSON; default: probe_<backbone name or random_init>.json beside the backbone."""
+
+
+def build_backbone(args: Args) -> tuple[nn.Module, dict]:
+    meta_path = os.path.join(os.path.dirname(args.backbone), "backbone.json")
+    meta = {}
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            meta = json.load(f)
+    arch = args.arch or meta.get("arch")
+    if arch is None:
+        raise ValueError(f"no {meta_path}: give --arch (and --stem) for a plain state dict")
+    small = meta.get("small_stem", False) if args.stem == "from-json" else args.stem == "small"
+    names = [n for n in torchvision.models.list_models(module=torchvision.models)
+             if n.startswith(("resnet", "resnext", "wide_resnet"))]
+    if arch not in names:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(names)}")
+    torch.manual_seed(args.seed)
+    net = torchvision.models.get_model(arch, weights=None)
+    net.fc = nn.Identity()
+    if small:
+        net.conv1 = nn.Conv2d(3, net.conv1.out_channels, 3, 1, 1, bias=False)
+        net.maxpool = nn.Identity()
+    if not args.random_init:
+        if not os.path.isfile(args.backbone):
+            raise FileNotFoundError(f"{args.backbone}: no such backbone; train one first "
+                                    f"(python simclr.py) or pass --random-init")
+        try:
+            state = torch.load(args.backbone, map_location="cpu", weights_only=True)
+            net.load_state_dict(state, strict=True)
+        except (RuntimeError, KeyError, EOFError) as err:
+            first = str(err).strip().splitlines()[0]
+            raise ValueError(f"{args.backbone} does not fit {arch} (small stem: {small}): "
+                             f"{first}; check --arch/--stem") from err
+    resolution = args.resolution or meta.get("resolution", 32)
+    return net, {"arch": arch, "small_stem": small, "resolution": resolution}
+
+
+@torch.no_grad()
+def extract(net, loader, device) -> tuple[torch.Tensor, torch.Tensor]:
+    feats, labels = [], []
+    for x, y in loader:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            feats.append(net(x).float().cpu())
+        labels.append(y.cpu().clone())  # ffcv reuses its batch buffers: keep a copy
+    return torch.cat(feats), torch.cat(labels)
+
+
+def cached_features(args, net, info, device):
+    """Features of both splits, cached on disk keyed by the weights, data and resolution."""
+    key = hashlib.sha256()
+    for name, tensor in sorted(net.state_dict().items()):
+        key.update(name.encode())
+        key.update(tensor.detach().cpu().float().numpy().tobytes())
+    for path in (args.train_beton, args.val_beton):
+        key.update(f"{os.path.abspath(path)}:{os.path.getsize(path)}:{os.path.getmtime(path)}"
+                   .encode())
+    key.update(f"{info['resolution']}:{args.train_subset}:{args.seed}".encode())
+    cache = os.path.join(os.path.dirname(args.backbone) or ".",
+                         f"features_{key.hexdigest()[:16]}.pt")
+    if os.path.exists(cache):
+        return torch.load(cache, weights_only=True)
+    out = {}
+    for split, path in (("train", args.train_beton), ("val", args.val_beton)):
+        indices = subset_indices(path, args.train_subset, args.seed) if split == "train" else None
+        loader = make_eval_loader(path, info["resolution"], 512, args.num_workers, device=device,
+                                  indices=indices)
+        out[split] = extract(net, loader, device)
+    os.makedirs(os.path.dirname(cache) or ".", exist_ok=True)
+    tmp = cache + ".tmp"
+    torch.save(out, tmp)
+    os.replace(tmp, cache)
+    return out
+
+
+def make_head(kind: str, width: int, args: Args) -> nn.Module:
+    if kind == "linear":
+        return nn.Sequential(nn.BatchNorm1d(width, affine=False), nn.Linear(width, args.num_classes))
+    layers, d = [nn.BatchNorm1d(width, affine=False)], width
+    for h in args.mlp_dims:
+        layers += [nn.Linear(d, h, bias=False), nn.BatchNorm1d(h), nn.ReLU(inplace=True)]
+        d = h
+    return nn.Sequential(*layers, nn.Linear(d, args.num_classes))
+
+
+def topk(logits: torch.Tensor, y: torch.Tensor) -> dict:
+    top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    return {"top1": (top5[:, 0] == y).float().mean().item(),
+            "top5": (top5 == y[:, None]).any(1).float().mean().item()}
+
+
+def train_head(kind, args, width, batches, val_x, val_y, steps_per_epoch):
+    """AdamW with cosine decay; `batches()` yields (features, labels) for one epoch."""
+    torch.manual_seed(args.seed)
+    head = make_head(kind, width, args)
+    opt = torch.optim.AdamW(head.parameters(), args.lr, weight_decay=args.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.epochs * steps_per_epoch)
+    for _ in range(args.epochs):
+        head.train()
+        for x, y in batches():
+            loss = F.cross_entropy(head(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    head.eval()
+    with torch.no_grad():
+        return topk(head(val_x), val_y)
+
+
+@torch.no_grad()
+def knn(train_x, train_y, val_x, val_y, k, temperature, num_classes) -> dict:
+    train_x, val_x = F.normalize(train_x, dim=1), F.normalize(val_x, dim=1)
+    scores = []
+    for chunk in val_x.split(1024):
+        sim, idx = (chunk @ train_x.T).topk(k, dim=1)  # (b, k)
+        votes = torch.zeros(len(chunk), num_classes)
+        votes.scatter_add_(1, train_y[idx], (sim / temperature).exp())
+        scores.append(votes)
+    return topk(torch.cat(scores), val_y)
+
+
+def main(args: Args) -> dict:
+    device = torch.device("cuda" if args.device == "cuda" or (
+        args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    net, info = build_backbone(args)
+    net = net.to(device, memory_format=torch.channels_last).eval()
+    start = time.time()
+    feats = cached_features(args, net, info, device)
+    train_x, train_y = feats["train"]
+    val_x, val_y = feats["val"]
+    width = train_x.shape[1]
+    results = {"backbone": "random init" if args.random_init else args.backbone, **info,
+               "train_images": len(train_y), "val_images": len(val_y), "augment": args.augment}
+    generator = torch.Generator().manual_seed(args.seed)
+
+    def cached_batches():
+        order = torch.randperm(len(train_y), generator=generator)
+        for idx in order.split(args.batch_size):
+            yield train_x[idx], train_y[idx]
+
+    def augmented_batches():
+        for x, y in aug_loader:
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+                h = net(x).float()
+            yield h.cpu(), y.cpu()
+
+    if args.augment:
+        view = ViewConfig(resolution=info["resolution"], jitter_p=0, grayscale_p=0)
+        aug_loader = make_ssl_loader(args.train_beton, [view], args.batch_size, args.num_workers,
+                                     args.seed, device=device,
+                                     indices=subset_indices(args.train_beton, args.train_subset,
+                                                            args.seed))
+        batches, steps = augmented_batches, len(aug_loader)
+    else:
+        batches, steps = cached_batches, -(-len(train_y) // args.batch_size)
+    for kind in args.heads:
+        if kind == "knn":
+            results["knn"] = knn(train_x, train_y, val_x, val_y, args.knn_k, args.knn_temperature,
+                                 args.num_classes)
+        else:
+            results[kind] = train_head(kind, args, width, batches, val_x, val_y, steps)
+        print(f"{kind:>6} probe: top-1 {100 * results[kind]['top1']:.2f}%  "
+              f"top-5 {100 * results[kind]['top5']:.2f}%", flush=True)
+    results["seconds"] = time.time() - start
+    out = args.out or os.path.join(os.path.dirname(args.backbone) or ".", "probe_" + (
+        "random_init" if args.random_init else os.path.splitext(os.path.basename(args.backbone))[0])
+        + ".json")
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out + ".tmp", "w") as f:
+        json.dump({**results, "args": asdict(args)}, f, indent=1)
+    os.replace(out + ".tmp", out)
+    print(f"wrote {out}")
+    return results
+
+
+if __name__ == "__main__":
+    try:
+        main(tyro.cli(Args))
+    except (FileNotFoundError, ValueError) as err:
+        sys.exit(f"error: {err}")

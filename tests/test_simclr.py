@@ -1,0 +1,172 @@
+"""simclr.py's pure functions against references written differently (the paper's per-anchor
+loss, a hand-computed LARS step), the DDP loss with 2 CPU processes, and probe.py's k-NN."""
+
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn as nn
+
+import simclr
+from simclr import LARS, learning_rate, nt_xent_loss
+
+
+def naive_nt_xent(z1, z2, tau):
+    """SimCLR paper, Algorithm 1: views 2k and 2k+1 are a positive pair; l(i, j) =
+    -log(exp(s_ij / tau) / sum_{k != i} exp(s_ik / tau)); loss = mean of l over all 2N anchors."""
+    n = z1.shape[0]
+    z = torch.stack([z1, z2], dim=1).reshape(2 * n, -1)  # interleaved: 0,1 = image 0's views
+    total = 0.0
+    for i in range(2 * n):
+        j = i + 1 if i % 2 == 0 else i - 1
+        sims = [torch.dot(z[i], z[k]) / (z[i].norm() * z[k].norm()) / tau for k in range(2 * n)]
+        denominator = sum(torch.exp(s) for k, s in enumerate(sims) if k != i)
+        total = total - torch.log(torch.exp(sims[j]) / denominator)
+    return total / (2 * n)
+
+
+@pytest.mark.parametrize("n,d,tau", [(2, 3, 1.0), (8, 16, 0.15), (5, 7, 0.5)])
+def test_nt_xent_matches_the_paper(n, d, tau):
+    g = torch.Generator().manual_seed(n)
+    z1, z2 = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
+    torch.testing.assert_close(nt_xent_loss(z1, z2, tau), naive_nt_xent(z1, z2, tau),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_nt_xent_extremes():
+    # Identical views, orthogonal images: the positive has similarity 1, negatives 0.
+    z = torch.eye(4)
+    tau = 0.5
+    expected = -math.log(math.exp(1 / tau) / (math.exp(1 / tau) + 6 * math.exp(0)))
+    torch.testing.assert_close(nt_xent_loss(z, z.clone(), tau), torch.tensor(expected))
+    # bf16 inputs (autocast) are computed in float32
+    assert nt_xent_loss(z.bfloat16(), z.bfloat16(), tau).dtype == torch.float32
+
+
+def test_nt_xent_gradient():
+    g = torch.Generator().manual_seed(0)
+    z1 = torch.randn(4, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    z2 = torch.randn(4, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: nt_xent_loss(a, b, 0.3), (z1, z2))
+
+
+def _ddp_worker(rank, world, port, z1, z2, tau, out):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    n = z1.shape[0] // world
+    a = z1[rank * n:(rank + 1) * n].clone().requires_grad_()
+    b = z2[rank * n:(rank + 1) * n].clone().requires_grad_()
+    loss = nt_xent_loss(a, b, tau)
+    loss.backward()
+    out[rank] = (loss.detach(), a.grad, b.grad)
+    dist.destroy_process_group()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_nt_xent_under_ddp_equals_single_process():
+    """2 gloo processes, each with half the batch: the mean of their losses is the single-process
+    loss on the whole batch, and the gradients (summed over ranks by all_gather's backward, then
+    averaged by DDP) are the single-process gradients."""
+    g = torch.Generator().manual_seed(1)
+    z1, z2, tau, world = torch.randn(8, 6, generator=g), torch.randn(8, 6, generator=g), 0.2, 2
+    out = mp.Manager().dict()
+    mp.spawn(_ddp_worker, args=(world, free_port(), z1, z2, tau, out), nprocs=world, join=True)
+    a, b = z1.clone().requires_grad_(), z2.clone().requires_grad_()
+    full = nt_xent_loss(a, b, tau)
+    full.backward()
+    losses = torch.stack([out[r][0] for r in range(world)])
+    torch.testing.assert_close(losses.mean(), full.detach())
+    grad1 = torch.cat([out[r][1] for r in range(world)]) / world
+    grad2 = torch.cat([out[r][2] for r in range(world)]) / world
+    torch.testing.assert_close(grad1, a.grad)
+    torch.testing.assert_close(grad2, b.grad)
+
+
+def test_lars_step_by_hand():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    w0, b0 = model.weight.detach().clone(), model.bias.detach().clone()
+    lr, wd, m, eta = 0.5, 0.1, 0.9, 0.01
+    opt = LARS(simclr.param_groups(model), lr, weight_decay=wd, momentum=m, eta=eta)
+    grads = [(torch.randn(2, 3), torch.randn(2)) for _ in range(2)]
+    w, b = w0.clone(), b0.clone()
+    mu_w, mu_b = torch.zeros_like(w), torch.zeros_like(b)
+    for gw, gb in grads:
+        model.weight.grad, model.bias.grad = gw.clone(), gb.clone()
+        opt.step()
+        # by hand: weights get decay + trust ratio; the bias neither
+        u = gw + wd * w
+        u = u * (eta * w.norm() / u.norm())
+        mu_w = m * mu_w + u
+        w = w - lr * mu_w
+        mu_b = m * mu_b + gb
+        b = b - lr * mu_b
+        torch.testing.assert_close(model.weight.detach(), w)
+        torch.testing.assert_close(model.bias.detach(), b)
+
+
+def test_param_groups_exclude_biases_and_batchnorm():
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    weights, others = simclr.param_groups(model)
+    assert [p.shape for p in weights["params"]] == [torch.Size([4, 4])]
+    assert len(others["params"]) == 3 and others["lars_exclude"] and others["weight_decay"] == 0
+
+
+def test_schedule_values():
+    peak, total, warm = 2.0, 1000, 100
+    assert learning_rate(0, total, warm, peak) == pytest.approx(peak / 100)
+    assert learning_rate(49, total, warm, peak) == pytest.approx(peak / 2)
+    assert learning_rate(99, total, warm, peak) == pytest.approx(peak)
+    assert learning_rate(100, total, warm, peak) == pytest.approx(peak)
+    assert learning_rate(550, total, warm, peak) == pytest.approx(peak / 2)
+    assert learning_rate(1000, total, warm, peak) == pytest.approx(0.0, abs=1e-12)
+    values = [learning_rate(s, total, warm, peak) for s in range(warm, total)]
+    assert all(a >= b for a, b in zip(values, values[1:]))  # cosine decays monotonically
+
+
+def test_backbones():
+    net, width = simclr.make_backbone("resnet18", small_stem=True)
+    assert width == 512 and net.conv1.stride == (1, 1) and isinstance(net.maxpool, nn.Identity)
+    assert net(torch.randn(2, 3, 16, 16)).shape == (2, 512)
+    net50, width50 = simclr.make_backbone("resnet50", small_stem=False)
+    assert width50 == 2048 and net50.conv1.stride == (2, 2)
+    with pytest.raises(ValueError, match="unknown architecture 'vit_b_16'"):
+        simclr.make_backbone("vit_b_16", small_stem=True)
+
+
+def test_projector_depth_and_widths():
+    proj = simclr.mlp((512, 64, 64, 16))
+    linears = [m for m in proj if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(512, 64), (64, 64), (64, 16)]
+    assert sum(isinstance(m, nn.BatchNorm1d) for m in proj) == 2  # hidden layers only
+
+
+def test_knn_against_a_loop():
+    import probe
+
+    g = torch.Generator().manual_seed(0)
+    train_x, val_x = torch.randn(50, 8, generator=g), torch.randn(12, 8, generator=g)
+    train_y, val_y = torch.randint(0, 3, (50,), generator=g), torch.randint(0, 3, (12,), generator=g)
+    got = probe.knn(train_x, train_y, val_x, val_y, k=5, temperature=0.1, num_classes=3)
+    correct1 = correct5 = 0
+    for x, y in zip(val_x, val_y):
+        sims = [(torch.cosine_similarity(x, t, dim=0).item(), int(c)) for t, c in zip(train_x, train_y)]
+        sims.sort(reverse=True)
+        votes = [0.0] * 3
+        for s, c in sims[:5]:
+            votes[c] += math.exp(s / 0.1)
+        order = sorted(range(3), key=lambda c: -votes[c])
+        correct1 += order[0] == y
+        correct5 += y in order[:5]
+    assert got["top1"] == pytest.approx(correct1 / 12)
+    assert got["top5"] == pytest.approx(correct5 / 12)
