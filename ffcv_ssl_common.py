@@ -200,17 +200,8 @@ def adjust_hue_(img, hue_factor):
                 hue = np.float32(2.0) + rc - bc
             else:
                 hue = np.float32(4.0) + gc - rc
-            # torch: fmod(hue / 6 + 1, 1) then (hue + factor) % 1. Both arguments lie in
-            # [-0.5, 2), so a subtraction or addition of 1 gives the same float32 results without
-            # two libm calls per pixel (they were most of this function's time).
-            hue = hue / np.float32(6.0) + one
-            if hue >= one:
-                hue -= one
-            hue += np.float32(hue_factor)
-            if hue < np.float32(0.0):
-                hue += one
-            elif hue >= one:
-                hue -= one
+            hue = np.fmod(hue / np.float32(6.0) + one, one)
+            hue = (hue + np.float32(hue_factor)) % one  # floor-mod, as torch's % on floats
             i = np.floor(hue * np.float32(6.0))
             f = hue * np.float32(6.0) - i
             p = min(max(maxc * (one - s), np.float32(0.0)), one)
