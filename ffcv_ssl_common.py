@@ -718,10 +718,10 @@ def subset_indices(beton: str, size: int, seed: int = 0) -> np.ndarray | None:
     all images), for a loader's `indices`."""
     if not size:
         return None
-    count = open_beton(beton).num_samples
+    count = int(open_beton(beton).num_samples)  # a numpy uint64: permutation() would give floats
     if size > count:
         raise ValueError(f"a subset of {size} images asked from {beton}, which holds {count}")
-    return np.sort(np.random.default_rng(seed).permutation(count)[:size])
+    return np.sort(np.random.default_rng(seed).permutation(count)[:size]).astype(np.int64)
 
 
 def _check_batches(path, reader, batch_size, drop_last, distributed):

@@ -21,6 +21,11 @@ def first(loader):
     return next(iter(loader))
 
 
+def collect(loader):
+    """Every batch, concatenated. ffcv reuses its buffers a few batches later: clone each."""
+    return [torch.cat(parts) for parts in zip(*[[t.clone() for t in b] for b in loader])]
+
+
 @pytest.fixture(scope="module")
 def train(betons):
     return C.make_ssl_loader(betons["train"], C.byol_views(32), batch_size=64, num_workers=2,
@@ -39,10 +44,11 @@ def test_train_batches_shapes_dtypes_ranges(train):
         for x in (x1, x2):
             assert x.shape == (64, 3, 32, 32) and x.dtype == torch.float32
             assert x.is_contiguous(memory_format=torch.channels_last)
+            assert x.isfinite().all()
             assert (x >= (0 - MEAN) / STD - 1e-4).all() and (x <= (255 - MEAN) / STD + 1e-4).all()
         assert y.shape == (64,) and y.dtype == torch.int64
         assert not torch.equal(x1, x2)  # two views of one image differ
-        labels.append(y)
+        labels.append(y.clone())
     labels = torch.cat(labels)
     assert torch.equal(torch.bincount(labels, minlength=10), torch.full((10,), 32))  # each once
 
@@ -65,18 +71,32 @@ def test_epochs_differ_and_same_seed_same_batches(train, betons):
 def test_eval_loader_returns_the_written_pixels_in_order(eval_raw, idx_dir):
     """Round trip: idx -> write_beton -> beton -> loader gives back every pixel, gray as RGB."""
     images, labels = label_images(100, seed=1)
-    xs, ys = zip(*eval_raw)
-    x, y = torch.cat(xs), torch.cat(ys)
+    x, y = collect(eval_raw)
     assert x.shape == (100, 3, 28, 28) and x.dtype == torch.uint8  # no drop_last
     assert torch.equal(y, torch.from_numpy(labels.astype(np.int64)))
     expected = torch.from_numpy(images).unsqueeze(1).expand(-1, 3, -1, -1)
     assert torch.equal(x, expected)
 
 
+def test_subset_indices_select_those_images(betons):
+    indices = C.subset_indices(betons["val"], 30, seed=5)
+    assert indices.dtype == np.int64 and len(set(indices.tolist())) == 30
+    assert np.array_equal(indices, np.sort(indices)) and indices.max() < 100
+    assert np.array_equal(indices, C.subset_indices(betons["val"], 30, seed=5))
+    loader = C.make_eval_loader(betons["val"], 28, batch_size=16, normalize=False,
+                                indices=indices)
+    x, y = collect(loader)
+    images, labels = label_images(100, seed=1)
+    assert torch.equal(y, torch.from_numpy(labels[indices].astype(np.int64)))
+    assert torch.equal(x[:, 0], torch.from_numpy(images[indices]))
+    with pytest.raises(ValueError, match="holds 100"):
+        C.subset_indices(betons["val"], 101)
+
+
 def test_normalisation_cpu_and_gpu_style_pipelines_agree(betons, eval_raw):
-    raw = torch.cat([x for x, _ in eval_raw]).float()
+    raw = collect(eval_raw)[0].float()
     cpu = C.make_eval_loader(betons["val"], 28, batch_size=32)
-    got = torch.cat([x for x, _ in cpu])
+    got = collect(cpu)[0]
     torch.testing.assert_close(got, (raw - MEAN) / STD, rtol=0, atol=1e-5)
     # The CUDA tail (ToDevice non_blocking, channels_last, normalise on the device), run on the
     # CPU so this machine can check it.
@@ -88,9 +108,8 @@ def test_normalisation_cpu_and_gpu_style_pipelines_agree(betons, eval_raw):
                  "label": C._label_pipeline(device, on_gpu=True)}
     gpu_style = C.SSLLoader(betons["val"], outputs=["image", "label"], batch_size=32,
                             num_workers=1, pipelines=pipelines, drop_last=False)
-    xs = [x for x, _ in gpu_style]
-    assert all(x.is_contiguous(memory_format=torch.channels_last) for x in xs)
-    torch.testing.assert_close(torch.cat(xs), got, rtol=0, atol=1e-5)
+    assert all(x.is_contiguous(memory_format=torch.channels_last) for x, _ in gpu_style)
+    torch.testing.assert_close(collect(gpu_style)[0], got, rtol=0, atol=1e-5)
 
 
 def test_shared_crop_branches_share_the_crop(betons):
