@@ -350,8 +350,11 @@ def main(args: Args) -> dict:
         net = torch.compile(net)
     writer = None
     if args.tensorboard and main_process:
-        from torch.utils.tensorboard import SummaryWriter
-
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as err:
+            raise ValueError("--tensorboard needs the tensorboard package: pip install "
+                             "tensorboard") from err
         writer = SummaryWriter(args.out_dir)
     log_path = os.path.join(args.out_dir, "log.jsonl")
     result = {}

@@ -122,6 +122,17 @@ def test_probe_on_the_export_and_on_random_init(betons, straight):
     assert again["knn"] == trained["knn"] and again["seconds"] < trained["seconds"]
 
 
+def test_probe_on_augmented_views(betons, straight, tmp_path):
+    import probe
+
+    res = probe.main(probe.Args(backbone=str(straight / "backbone.pt"), train_beton=betons["train"],
+                                val_beton=betons["val"], heads=("linear",), epochs=2,
+                                augment=True, batch_size=64, num_workers=1, device="cpu",
+                                out=str(tmp_path / "aug.json")))
+    assert res["augment"] and 0 <= res["linear"]["top1"] <= 1
+    assert (tmp_path / "aug.json").exists()
+
+
 def test_probe_refuses_a_backbone_of_another_architecture(straight, betons):
     import probe
 
