@@ -132,14 +132,14 @@ class SimCLR(nn.Module):
         self.backbone, width = make_backbone(args.arch, small_stem)
         self.projector = mlp((width, *args.projector_dims))
         self.probe = nn.Linear(width, args.num_classes)
+        self.temperature = args.temperature
 
-    def forward(self, x1, x2, y, temperature):
+    def forward(self, x1, x2, y):
         h1, h2 = self.backbone(x1), self.backbone(x2)  # (B, width)
-        loss = nt_xent_loss(self.projector(h1), self.projector(h2), temperature)
+        loss = nt_xent_loss(self.projector(h1), self.projector(h2), self.temperature)
         # The probe sees features but sends no gradient into the backbone.
-        probe_logits = self.probe(h1.detach())
-        probe_loss = F.cross_entropy(probe_logits, y)
-        return loss, probe_loss, probe_logits
+        probe_loss = F.cross_entropy(self.probe(h1.detach()), y)
+        return loss, probe_loss, {}  # {}: no separate loss terms to log
 
 
 # ----------------------------------------------------------------------------------------------
@@ -367,13 +367,13 @@ def main(args: Args) -> dict:
             for g in optimizer.param_groups:
                 g["lr"] = lr
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-                loss, probe_loss, _ = net(x1, x2, y, args.temperature)
+                loss, probe_loss, terms = net(x1, x2, y)
             optimizer.zero_grad(set_to_none=True)
             probe_optimizer.zero_grad(set_to_none=True)
             (loss + probe_loss).backward()
             optimizer.step()
             probe_optimizer.step()
-            losses.append(loss.detach())
+            losses.append(torch.stack([loss.detach(), *[t.detach() for t in terms.values()]]))
             step += 1
             if step % 20 == 0:
                 value = loss.item()  # a CPU-GPU sync point: only every 20 steps
@@ -387,13 +387,14 @@ def main(args: Args) -> dict:
                         f.write(json.dumps({"step": step, "loss": value, "lr": lr}) + "\n")
             if args.max_steps and step >= args.max_steps:
                 break
-        epoch_loss = torch.stack(losses).mean().item()
+        means = torch.stack(losses).mean(0).tolist()  # loss, then each term
+        epoch_loss, term_means = means[0], dict(zip(terms, means[1:]))
         if not math.isfinite(epoch_loss):
             raise FloatingPointError(f"loss is {epoch_loss} in epoch {epoch}; lower --base-lr "
                                      f"(the last good checkpoint is kept in {ckpt_path})")
         images_per_s = len(losses) * args.batch_size / (time.time() - start)
         acc = probe_accuracy(model, val_loader, device, args.bf16)
-        result = {"epoch": epoch + 1, "step": step, "loss": epoch_loss, "lr": lr,
+        result = {"epoch": epoch + 1, "step": step, "loss": epoch_loss, **term_means, "lr": lr,
                   "images_per_s": images_per_s, "probe_acc": acc}
         if main_process:
             print(f"epoch {epoch + 1}/{args.epochs} | loss {epoch_loss:.4f} | lr {lr:.4g} | "
