@@ -785,7 +785,7 @@ def make_eval_loader(beton: str, resolution: int, batch_size: int, num_workers: 
     """A loader in file order yielding `(image, label)`: centre crop of `crop_ratio` of the short
     side (224/256 for ImageNet-style evaluation, 1.0 for small images), resized, no augmentation,
     every image once (no drop_last). Clone what you keep (see make_ssl_loader)."""
-    reader = open_beton(beton)
+    open_beton(beton)  # a clear error now rather than a failure inside ffcv
     device = torch.device(device)
     on_gpu = device.type == "cuda"
     pipelines = {
@@ -793,7 +793,6 @@ def make_eval_loader(beton: str, resolution: int, batch_size: int, num_workers: 
         + _to_output(device, normalize, on_gpu),
         "label": _label_pipeline(device, on_gpu),
     }
-    del reader
     return SSLLoader(beton, outputs=["image", "label"], batch_size=batch_size,
                      num_workers=num_workers, order=OrderOption.SEQUENTIAL, seed=0,
                      distributed=distributed, pipelines=pipelines, drop_last=False,

@@ -86,3 +86,49 @@ def make_image_folder(root, per_class=6, corrupt=None, seed=0):
             good = (root / split / "class0" / "0.jpg").read_bytes()
             (root / split / "class0" / "broken.jpg").write_bytes(good[: len(good) // 3])
     return root
+
+
+# ---- the DDP path of a loss, with CPU processes ----
+def _loss(name, z1, z2):
+    if name == "nt_xent":
+        from simclr import nt_xent_loss
+        return nt_xent_loss(z1, z2, 0.2)
+    if name == "barlow":
+        from barlowtwins import barlow_twins_loss
+        return barlow_twins_loss(z1, z2, 0.0051)
+    from vicreg import vicreg_loss
+    return vicreg_loss(z1, z2)[0]
+
+
+def _ddp_worker(rank, world, port, name, z1, z2, out):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    n = z1.shape[0] // world
+    a = z1[rank * n:(rank + 1) * n].clone().requires_grad_()
+    b = z2[rank * n:(rank + 1) * n].clone().requires_grad_()
+    loss = _loss(name, a, b)
+    loss.backward()
+    out[rank] = (loss.detach(), a.grad, b.grad)
+    dist.destroy_process_group()
+
+
+def run_ddp(name, z1, z2, world=2):
+    """Loss `name` ("nt_xent", "barlow", "vicreg") in `world` gloo processes, each holding its
+    share of the batch; returns [(loss, grad of its z1 share, grad of its z2 share)] per rank,
+    and the single-process (loss, grad z1, grad z2) on the whole batch."""
+    import socket
+
+    import torch
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = mp.Manager().dict()
+    mp.spawn(_ddp_worker, args=(world, port, name, z1, z2, out), nprocs=world, join=True)
+    a, b = z1.clone().requires_grad_(), z2.clone().requires_grad_()
+    full = _loss(name, a, b)
+    full.backward()
+    return [out[r] for r in range(world)], (full.detach(), a.grad, b.grad)

@@ -3,19 +3,16 @@ gradient check, collapsed inputs, the DDP path with 2 CPU processes, and each sc
 (train, resume, export, probe, torchrun) on the tiny .beton the tests write."""
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn as nn
 import torchvision
 
 from barlowtwins import barlow_twins_loss
-from conftest import ROOT
-from test_simclr import free_port
+from conftest import ROOT, run_ddp
 from vicreg import vicreg_loss
 
 
@@ -105,35 +102,17 @@ def test_vicreg_collapse_and_gradient():
     assert torch.autograd.gradcheck(lambda a, b: vicreg_loss(a, b)[0], (z1, z2))
 
 
-def _ddp_worker(rank, world, port, name, z1, z2, out):
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    n = z1.shape[0] // world
-    a = z1[rank * n:(rank + 1) * n].clone().requires_grad_()
-    b = z2[rank * n:(rank + 1) * n].clone().requires_grad_()
-    loss = barlow_twins_loss(a, b, 0.0051) if name == "barlow" else vicreg_loss(a, b)[0]
-    loss.backward()
-    out[rank] = (loss.detach(), a.grad, b.grad)
-    dist.destroy_process_group()
-
-
 @pytest.mark.parametrize("name", ["barlow", "vicreg"])
 def test_ddp_equals_single_process(name):
     """Each of 2 gloo processes holds half the batch and computes the global-batch loss; the
     gradient reaching its half (all_gather's backward sums it over the 2 processes), halved by
     DDP's averaging, is the single-process gradient."""
     z1, z2 = pair(8, 5, 3)
-    out = mp.Manager().dict()
-    mp.spawn(_ddp_worker, args=(2, free_port(), name, z1, z2, out), nprocs=2, join=True)
-    a, b = z1.clone().requires_grad_(), z2.clone().requires_grad_()
-    full = barlow_twins_loss(a, b, 0.0051) if name == "barlow" else vicreg_loss(a, b)[0]
-    full.backward()
-    for r in range(2):
-        torch.testing.assert_close(out[r][0], full.detach())
-    torch.testing.assert_close(torch.cat([out[r][1] for r in range(2)]) / 2, a.grad)
-    torch.testing.assert_close(torch.cat([out[r][2] for r in range(2)]) / 2, b.grad)
+    ranks, (full, grad1_full, grad2_full) = run_ddp(name, z1, z2)
+    for r in ranks:
+        torch.testing.assert_close(r[0], full)
+    torch.testing.assert_close(torch.cat([r[1] for r in ranks]) / 2, grad1_full)
+    torch.testing.assert_close(torch.cat([r[2] for r in ranks]) / 2, grad2_full)
 
 
 TINY = ["--epochs", "2", "--batch-size", "64", "--projector-dims", "64", "64",

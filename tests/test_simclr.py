@@ -2,15 +2,13 @@
 loss, a hand-computed LARS step), the DDP loss with 2 CPU processes, and probe.py's k-NN."""
 
 import math
-import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn as nn
 
 import simclr
+from conftest import run_ddp
 from simclr import LARS, learning_rate, nt_xent_loss
 
 
@@ -53,43 +51,17 @@ def test_nt_xent_gradient():
     assert torch.autograd.gradcheck(lambda a, b: nt_xent_loss(a, b, 0.3), (z1, z2))
 
 
-def _ddp_worker(rank, world, port, z1, z2, tau, out):
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    n = z1.shape[0] // world
-    a = z1[rank * n:(rank + 1) * n].clone().requires_grad_()
-    b = z2[rank * n:(rank + 1) * n].clone().requires_grad_()
-    loss = nt_xent_loss(a, b, tau)
-    loss.backward()
-    out[rank] = (loss.detach(), a.grad, b.grad)
-    dist.destroy_process_group()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_nt_xent_under_ddp_equals_single_process():
     """2 gloo processes, each with half the batch: the mean of their losses is the single-process
     loss on the whole batch, and the gradients (summed over ranks by all_gather's backward, then
     averaged by DDP) are the single-process gradients."""
     g = torch.Generator().manual_seed(1)
-    z1, z2, tau, world = torch.randn(8, 6, generator=g), torch.randn(8, 6, generator=g), 0.2, 2
-    out = mp.Manager().dict()
-    mp.spawn(_ddp_worker, args=(world, free_port(), z1, z2, tau, out), nprocs=world, join=True)
-    a, b = z1.clone().requires_grad_(), z2.clone().requires_grad_()
-    full = nt_xent_loss(a, b, tau)
-    full.backward()
-    losses = torch.stack([out[r][0] for r in range(world)])
-    torch.testing.assert_close(losses.mean(), full.detach())
-    grad1 = torch.cat([out[r][1] for r in range(world)]) / world
-    grad2 = torch.cat([out[r][2] for r in range(world)]) / world
-    torch.testing.assert_close(grad1, a.grad)
-    torch.testing.assert_close(grad2, b.grad)
+    z1, z2, world = torch.randn(8, 6, generator=g), torch.randn(8, 6, generator=g), 2
+    ranks, (full, grad1_full, grad2_full) = run_ddp("nt_xent", z1, z2, world)
+    losses = torch.stack([r[0] for r in ranks])
+    torch.testing.assert_close(losses.mean(), full)
+    torch.testing.assert_close(torch.cat([r[1] for r in ranks]) / world, grad1_full)
+    torch.testing.assert_close(torch.cat([r[2] for r in ranks]) / world, grad2_full)
 
 
 def test_lars_step_by_hand():
