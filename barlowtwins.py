@@ -137,7 +137,10 @@ class BarlowTwins(nn.Module):
 
     def forward(self, x1, x2, y):
         h1, h2 = self.backbone(x1), self.backbone(x2)  # (B, width)
-        loss = barlow_twins_loss(self.projector(h1), self.projector(h2), self.lambd)
+        z1, z2 = self.projector(h1).float(), self.projector(h2).float()
+        # The loss in fp32: under bf16 autocast its matmuls and sums would run in bf16.
+        with torch.autocast(x1.device.type, enabled=False):
+            loss = barlow_twins_loss(z1, z2, self.lambd)
         # The probe sees features but sends no gradient into the backbone.
         probe_loss = F.cross_entropy(self.probe(h1.detach()), y)
         return loss, probe_loss, {}  # {}: no separate loss terms to log
@@ -153,8 +156,6 @@ def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float) -> torch
     Under DDP the embeddings are gathered with their gradients and every process computes the
     loss of the global batch: statistics and C are those of the single-process computation.
     """
-    dtype = torch.promote_types(z1.dtype, torch.float32)  # bf16 under autocast: D x D sums in fp32
-    z1, z2 = z1.to(dtype), z2.to(dtype)
     if dist.is_initialized():
         z1, z2 = torch.cat(dist_nn.all_gather(z1)), torch.cat(dist_nn.all_gather(z2))
     n = z1.shape[0]

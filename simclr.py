@@ -136,7 +136,10 @@ class SimCLR(nn.Module):
 
     def forward(self, x1, x2, y):
         h1, h2 = self.backbone(x1), self.backbone(x2)  # (B, width)
-        loss = nt_xent_loss(self.projector(h1), self.projector(h2), self.temperature)
+        z1, z2 = self.projector(h1).float(), self.projector(h2).float()
+        # The loss in fp32: under bf16 autocast its matmuls and sums would run in bf16.
+        with torch.autocast(x1.device.type, enabled=False):
+            loss = nt_xent_loss(z1, z2, self.temperature)
         # The probe sees features but sends no gradient into the backbone.
         probe_loss = F.cross_entropy(self.probe(h1.detach()), y)
         return loss, probe_loss, {}  # {}: no separate loss terms to log
@@ -153,8 +156,7 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torc
     each process's loss is the mean over its own anchors and the mean over processes equals the
     single-process loss on the global batch.
     """
-    dtype = torch.promote_types(z1.dtype, torch.float32)  # bf16 under autocast: the exp() and
-    z1, z2 = F.normalize(z1.to(dtype), dim=1), F.normalize(z2.to(dtype), dim=1)  # sums in fp32
+    z1, z2 = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
     n = z1.shape[0]
     rank = dist.get_rank() if dist.is_initialized() else 0
     if dist.is_initialized():

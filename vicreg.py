@@ -138,7 +138,10 @@ class VICReg(nn.Module):
 
     def forward(self, x1, x2, y):
         h1, h2 = self.backbone(x1), self.backbone(x2)  # (B, width)
-        loss, terms = vicreg_loss(self.projector(h1), self.projector(h2), *self.coeffs)
+        z1, z2 = self.projector(h1).float(), self.projector(h2).float()
+        # The loss in fp32: under bf16 autocast its matmuls and sums would run in bf16.
+        with torch.autocast(x1.device.type, enabled=False):
+            loss, terms = vicreg_loss(z1, z2, *self.coeffs)
         # The probe sees features but sends no gradient into the backbone.
         probe_loss = F.cross_entropy(self.probe(h1.detach()), y)
         return loss, probe_loss, terms
@@ -163,8 +166,6 @@ def vicreg_loss(z1: torch.Tensor, z2: torch.Tensor, sim_coeff: float = 25.0,
     Under DDP the embeddings are gathered with their gradients, so variance and covariance are
     those of the global batch.
     """
-    dtype = torch.promote_types(z1.dtype, torch.float32)  # bf16 under autocast: sums in fp32
-    z1, z2 = z1.to(dtype), z2.to(dtype)
     if dist.is_initialized():
         z1, z2 = torch.cat(dist_nn.all_gather(z1)), torch.cat(dist_nn.all_gather(z2))
     n, d = z1.shape

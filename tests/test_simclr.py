@@ -40,8 +40,32 @@ def test_nt_xent_extremes():
     tau = 0.5
     expected = -math.log(math.exp(1 / tau) / (math.exp(1 / tau) + 6 * math.exp(0)))
     torch.testing.assert_close(nt_xent_loss(z, z.clone(), tau), torch.tensor(expected))
-    # bf16 inputs (autocast) are computed in float32
-    assert nt_xent_loss(z.bfloat16(), z.bfloat16(), tau).dtype == torch.float32
+
+
+@pytest.mark.parametrize("module,loss_of", [
+    ("simclr", lambda m, z1, z2: m.nt_xent_loss(z1, z2, 0.15)),
+    ("barlowtwins", lambda m, z1, z2: m.barlow_twins_loss(z1, z2, 0.0051)),
+    ("vicreg", lambda m, z1, z2: m.vicreg_loss(z1, z2)[0]),
+])
+def test_loss_is_fp32_under_bf16_autocast(module, loss_of):
+    """The backbone and projector run in bf16, the loss on their (fp32-cast) outputs in fp32:
+    bf16 matmuls would round the similarities / correlation sums to 8 significant bits."""
+    import importlib
+
+    m = importlib.import_module(module)
+    args = m.Args(arch="resnet18", projector_dims=(64, 32))
+    torch.manual_seed(0)
+    model = m.__dict__[{"simclr": "SimCLR", "barlowtwins": "BarlowTwins",
+                        "vicreg": "VICReg"}[module]](args, small_stem=True)
+    outputs = []
+    model.projector.register_forward_hook(lambda mod, inp, out: outputs.append(out))
+    x1, x2, y = torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16), torch.arange(8) % 10
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(x1, x2, y)[0]
+    assert outputs[0].dtype == torch.bfloat16  # the network did run under autocast
+    assert loss.dtype == torch.float32
+    expected = loss_of(m, outputs[0].float(), outputs[1].float())
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
 
 
 def test_nt_xent_gradient():
