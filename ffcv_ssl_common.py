@@ -127,6 +127,31 @@ def random_crop_box(key, height, width, scale, log_ratio):
     return (height - h) // 2, (width - w) // 2, h, w
 
 
+@_njit
+def negative_patch_box(key, anchor_box, height, width):
+    """A box the size of `anchor_box` (i, j, h, w) elsewhere in the image: uniform over the
+    positions where it does not overlap the anchor; when there are none (the anchor is too large
+    or too central), the position farthest from it, which overlaps it least."""
+    ai, aj, h, w = anchor_box
+    rows, cols = height - h + 1, width - w + 1  # possible top-left corners
+    # Corners whose box overlaps the anchor form the rectangle [r0, r1) x [c0, c1).
+    r0, r1 = max(0, ai - h + 1), min(rows, ai + h)
+    c0, c1 = max(0, aj - w + 1), min(cols, aj + w)
+    free = rows * cols - (r1 - r0) * (c1 - c0)
+    if free <= 0:
+        i = 0 if ai >= rows - 1 - ai else rows - 1
+        j = 0 if aj >= cols - 1 - aj else cols - 1
+        return i, j, h, w
+    r = int(uniform(key, 0) * free)  # the r-th free corner, row by row
+    for i in range(rows):
+        blocked = c1 - c0 if r0 <= i < r1 else 0
+        if r < cols - blocked:
+            j = r if r < c0 or blocked == 0 else r + blocked
+            return i, j, h, w
+        r -= cols - blocked
+    return rows - 1, cols - 1, h, w  # not reached
+
+
 # ----------------------------------------------------------------------------------------------
 # Per-image kernels. Each works in place on one (H, W, 3) uint8 image and rounds like torchvision's
 # tensor functional on uint8 input (blends truncate, blur rounds), so tests can compare them exactly.
@@ -491,6 +516,7 @@ class RandomResizedCrop(RandomResizedCropRGBImageDecoder):
             raise ValueError(f"crop scale must be in (0, 1] and ordered, ratio positive and "
                              f"ordered; got scale={scale}, ratio={ratio}")
         self.seed = seed
+        self.anchor_seed = seed  # NegativePatchCrop: the seed of the crop to avoid
 
     def generate_code(self):
         jpg = IMAGE_MODES["jpg"]
@@ -498,13 +524,15 @@ class RandomResizedCrop(RandomResizedCropRGBImageDecoder):
         loop = Compiler.get_iterator()
         imdecode_c = Compiler.compile(imdecode)
         resize_crop_c = Compiler.compile(resize_crop)
+        box_c = self.box_function()
         scale = np.array(self.scale, np.float64)
         log_ratio = np.log(np.array(self.ratio, np.float64))
-        seed = np.uint64(self.seed)
+        seed, anchor_seed = np.uint64(self.seed), np.uint64(self.anchor_seed)
 
         def decode(batch_indices, my_storage, metadata, storage_state):
             destination, temp_storage = my_storage
             key = batch_key(batch_indices, seed)
+            anchor_key = batch_key(batch_indices, anchor_seed)
             for k in loop(len(batch_indices)):
                 field = metadata[batch_indices[k]]
                 image_data = mem_read(field["data_ptr"], storage_state)
@@ -516,13 +544,40 @@ class RandomResizedCrop(RandomResizedCropRGBImageDecoder):
                     image = buffer.reshape(-1)[:3 * height * width].reshape(height, width, 3)
                 else:
                     image = image_data.reshape(height, width, 3)
-                i, j, h, w = random_crop_box(sample_key(key, k), int(height), int(width), scale,
-                                             log_ratio)
+                i, j, h, w = box_c(sample_key(key, k), sample_key(anchor_key, k), int(height),
+                                   int(width), scale, log_ratio)
                 resize_crop_c(image, i, i + h, j, j + w, destination[k])
             return destination[:len(batch_indices)]
 
         decode.is_parallel = True
         return decode
+
+    @staticmethod
+    def box_function():
+        @_njit
+        def box(key, anchor_key, height, width, scale, log_ratio):
+            return random_crop_box(key, height, width, scale, log_ratio)
+
+        return box
+
+
+class NegativePatchCrop(RandomResizedCrop):
+    """Another patch of the same image for instance SimCLR's negatives: the size of `anchor`'s
+    crop (which it recomputes from the anchor's seed: nothing passes between pipelines), placed
+    where it does not overlap that crop when the image allows (negative_patch_box)."""
+
+    def __init__(self, anchor: RandomResizedCrop, seed: int):
+        super().__init__(anchor.output_size, anchor.scale, anchor.ratio, seed)
+        self.anchor_seed = anchor.seed
+
+    @staticmethod
+    def box_function():
+        @_njit
+        def box(key, anchor_key, height, width, scale, log_ratio):
+            anchor_box = random_crop_box(anchor_key, height, width, scale, log_ratio)
+            return negative_patch_box(key, anchor_box, height, width)
+
+        return box
 
 
 
@@ -735,12 +790,16 @@ def make_ssl_loader(beton: str, views: Sequence[ViewConfig], batch_size: int,
                     num_workers: int = 2, seed: int = 0, distributed: bool = False,
                     device: str | torch.device = "cpu", shared_crop: bool = False,
                     normalize: bool = True, indices: Sequence[int] | None = None,
-                    drop_last: bool = True) -> SSLLoader:
-    """A shuffled loader yielding `(view_1, ..., view_k, label)`.
+                    drop_last: bool = True, negatives: Sequence[ViewConfig] = ()) -> SSLLoader:
+    """A shuffled loader yielding `(view_1, ..., view_k, label)`, or with `negatives`
+    `(view_1, ..., view_k, negative_1, ..., negative_m, label)`.
 
     Each view decodes and crops the image on its own; with `shared_crop`, views[0]'s crop is made
     once and every view branches after it (its own flips, colours, noise...: the two positives of
-    instance SimCLR). Views are float32 (B, 3, R, R) channels_last, normalised, on `device`.
+    instance SimCLR). Each of `negatives` (needs `shared_crop`) is another patch of the same image,
+    the size of the shared crop and not overlapping it where the image allows, with its own
+    augmentations (its crop settings are unused). Views are float32 (B, 3, R, R) channels_last,
+    normalised, on `device`.
 
     Like every ffcv loader, batches live in buffers that are reused a few batches later: use each
     batch at once, and clone what you keep.
@@ -751,12 +810,16 @@ def make_ssl_loader(beton: str, views: Sequence[ViewConfig], batch_size: int,
     _check_batches(beton, reader, batch_size, drop_last, distributed)
     device = torch.device(device)
     on_gpu = device.type == "cuda"
+    if negatives and not shared_crop:
+        raise ValueError("negative patches are placed away from the shared crop: pass "
+                         "shared_crop=True")
     names = [f"view_{k + 1}" for k in range(len(views))]
     pipelines: dict = {"image": None, "label": _label_pipeline(device, on_gpu)}
     shared = None
     if shared_crop:
-        if len({v.resolution for v in views}) > 1:
-            raise ValueError("views branching after a shared crop must have one resolution")
+        if len({v.resolution for v in [*views, *negatives]}) > 1:
+            raise ValueError("views branching after a shared crop, and negative patches, must "
+                             "have one resolution")
         v0 = views[0]
         shared = RandomResizedCrop((v0.resolution, v0.resolution), v0.crop_scale, v0.crop_ratio,
                                    seed=seed * 1000)
@@ -770,9 +833,15 @@ def make_ssl_loader(beton: str, views: Sequence[ViewConfig], batch_size: int,
             crop = RandomResizedCrop((view.resolution, view.resolution), view.crop_scale,
                                      view.crop_ratio, seed=view_seed)
             pipelines[name] = PipelineSpec("image", decoder=crop, transforms=tail)
+    negative_names = [f"negative_{m + 1}" for m in range(len(negatives))]
+    for m, (name, view) in enumerate(zip(negative_names, negatives)):
+        view_seed = seed * 1000 + 10 * (len(views) + m + 1)
+        tail = view.augmentations(view_seed) + _to_output(device, normalize, on_gpu)
+        pipelines[name] = PipelineSpec("image", decoder=NegativePatchCrop(shared, view_seed),
+                                       transforms=tail)
     if shared is not None:
         pipelines["crop"] = PipelineSpec("image", decoder=shared, transforms=[])
-    return SSLLoader(beton, outputs=names + ["label"], batch_size=batch_size,
+    return SSLLoader(beton, outputs=names + negative_names + ["label"], batch_size=batch_size,
                      num_workers=num_workers, order=OrderOption.RANDOM, seed=seed,
                      distributed=distributed, pipelines=pipelines, drop_last=drop_last,
                      indices=indices, os_cache=True)

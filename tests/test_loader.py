@@ -195,3 +195,83 @@ def test_error_in_loading_thread_reaches_the_training_loop(betons):
     worker.join(timeout=120)
     assert not worker.is_alive(), "the loader hung instead of raising"
     assert caught and "boom in the pipeline" in str(caught[0])
+
+
+def test_negative_patch_box_is_uniform_over_free_places():
+    """Against brute force: every returned place lies off the anchor when a free place exists,
+    all free places come up, and with none free the box goes to the farthest corner."""
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        height, width = rng.integers(8, 30, 2)
+        h, w = rng.integers(1, height + 1), rng.integers(1, width + 1)
+        ai, aj = rng.integers(0, height - h + 1), rng.integers(0, width - w + 1)
+        free = {(i, j) for i in range(height - h + 1) for j in range(width - w + 1)
+                if i + h <= ai or ai + h <= i or j + w <= aj or aj + w <= j}
+        got = {C.negative_patch_box(np.uint64(1000 * trial + s), (ai, aj, h, w), height, width)
+               for s in range(300)}
+        assert {(hh, ww) for _, _, hh, ww in got} == {(h, w)}
+        places = {(i, j) for i, j, _, _ in got}
+        if free:
+            assert places <= free
+            if len(free) <= 20:  # 300 draws cover 20 places (miss one: p < 20 * 0.95^300)
+                assert places == free
+        else:
+            far_i = 0 if ai >= height - h - ai else height - h
+            far_j = 0 if aj >= width - w - aj else width - w
+            assert places == {(far_i, far_j)}
+
+
+def coordinate_beton(path, n=12, side=64):
+    """Raw RGB images whose red = 4 x row, green = 4 x column, blue = 20 x image number: a patch
+    tells where it was cut from, and from which image."""
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+
+    rows, cols = np.mgrid[0:side, 0:side]
+
+    class Data:
+        def __len__(self):
+            return n
+
+        def __getitem__(self, k):
+            image = np.stack([4 * rows, 4 * cols, np.full_like(rows, 20 * k)], -1)
+            return image.astype(np.uint8), k
+
+    DatasetWriter(str(path), {"image": RGBImageField(write_mode="raw"), "label": IntField()},
+                  num_workers=1).from_indexed_dataset(Data())
+    return str(path)
+
+
+def test_instance_patches_share_the_crop_and_negatives_avoid_it(tmp_path):
+    """Positives: the same patch. Negatives: a patch of the same size from the same image that
+    does not overlap it (patches are at most 1/3 of the side, so a free place always exists)."""
+    beton = coordinate_beton(tmp_path / "coords.beton")
+    plain = C.ViewConfig(resolution=16, crop_scale=(0.02, 0.08), flip_p=0, jitter_p=0,
+                         grayscale_p=0)
+    loader = C.make_ssl_loader(beton, [plain, plain], batch_size=12, shared_crop=True,
+                               negatives=[plain, plain], normalize=False)
+
+    def box(patch):  # (3, R, R) -> top, bottom, left, right in image pixels, from the colours
+        red, green = patch[0].float() / 4, patch[1].float() / 4
+        return red.min().item(), red.max().item(), green.min().item(), green.max().item()
+
+    checked = 0
+    for _ in range(3):  # three epochs: different crops
+        a1, a2, n1, n2, labels = [t.clone() for t in first(loader)]
+        assert torch.equal(a1, a2)
+        for k in range(12):
+            image_id = labels[k].item() * 20
+            for neg in (n1[k], n2[k]):
+                assert (neg[2] == image_id).all() and (a1[k][2] == image_id).all()
+                at, ab, al, ar = box(a1[k])
+                nt, nb, nl, nr = box(neg)
+                # same size, within resampling error
+                assert abs((ab - at) - (nb - nt)) <= 1.5 and abs((ar - al) - (nr - nl)) <= 1.5
+                # disjoint: apart along the rows or along the columns (1 px of resampling blur)
+                assert nt >= ab - 1 or nb <= at + 1 or nl >= ar - 1 or nr <= al + 1, (
+                    (at, ab, al, ar), (nt, nb, nl, nr))
+                checked += 1
+            assert not torch.equal(n1[k], n2[k])  # two different negatives
+    assert checked == 72
+    with pytest.raises(ValueError, match="shared_crop"):
+        C.make_ssl_loader(beton, [plain, plain], batch_size=12, negatives=[plain])
