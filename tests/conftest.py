@@ -93,6 +93,10 @@ def _loss(name, z1, z2):
     if name == "nt_xent":
         from simclr import nt_xent_loss
         return nt_xent_loss(z1, z2, 0.2)
+    if name == "instance":  # with in-batch negatives: the only case that gathers
+        from instance_simclr import instance_nt_xent_loss
+        z_neg = (z1.flip(1) - z2).unsqueeze(1)  # a negative per image, computed row by row
+        return instance_nt_xent_loss(z1, z2, z_neg, 0.2, in_batch=True)
     if name == "barlow":
         from barlowtwins import barlow_twins_loss
         return barlow_twins_loss(z1, z2, 0.0051)
@@ -115,7 +119,7 @@ def _ddp_worker(rank, world, port, name, z1, z2, out):
 
 
 def run_ddp(name, z1, z2, world=2):
-    """Loss `name` ("nt_xent", "barlow", "vicreg") in `world` gloo processes, each holding its
+    """Loss `name` ("nt_xent", "instance", "barlow", "vicreg") in `world` gloo processes, each holding its
     share of the batch; returns [(loss, grad of its z1 share, grad of its z2 share)] per rank,
     and the single-process (loss, grad z1, grad z2) on the whole batch."""
     import socket

@@ -1,0 +1,170 @@
+"""instance_simclr.py: the loss against a per-image loop, the independence of images (and its
+opposite with in-batch negatives, which must equal simclr.py's NT-Xent when there are no patch
+negatives), the DDP path, the patch recipes, and the script end to end."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+
+import ffcv_ssl_common as C
+from conftest import ROOT, run_ddp
+from instance_simclr import Args, instance_nt_xent_loss, patch_view
+from simclr import nt_xent_loss
+
+
+def cos(a, b):
+    return torch.dot(a, b) / (a.norm() * b.norm())
+
+
+def naive_instance_loss(z1, z2, z_neg, tau, in_batch=False):
+    """Per image, per anchor: -log(exp(s+/tau) / (exp(s+/tau) + sum over its negatives)); the
+    negatives are the image's own patches, plus, in_batch, both views of every other image."""
+    n, k = z_neg.shape[:2]
+    total = 0.0
+    for i in range(n):
+        for anchor, positive in ((z1[i], z2[i]), (z2[i], z1[i])):
+            pos = torch.exp(cos(anchor, positive) / tau)
+            negatives = [z_neg[i, j] for j in range(k)]
+            if in_batch:
+                negatives += [z[m] for m in range(n) if m != i for z in (z1, z2)]
+            denominator = pos + sum(torch.exp(cos(anchor, neg) / tau) for neg in negatives)
+            total = total - torch.log(pos / denominator)
+    return total / (2 * n)
+
+
+def embeddings(n, k, d, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, d, generator=g, dtype=dtype), torch.randn(n, d, generator=g, dtype=dtype),
+            torch.randn(n, k, d, generator=g, dtype=dtype))
+
+
+@pytest.mark.parametrize("n,k,d,tau,in_batch", [(1, 1, 3, 1.0, False), (6, 1, 8, 0.15, False),
+                                                (5, 3, 7, 0.5, False), (6, 2, 8, 0.15, True)])
+def test_loss_matches_a_per_image_loop(n, k, d, tau, in_batch):
+    z1, z2, z_neg = embeddings(n, k, d, seed=n + k)
+    torch.testing.assert_close(instance_nt_xent_loss(z1, z2, z_neg, tau, in_batch),
+                               naive_instance_loss(z1, z2, z_neg, tau, in_batch),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_other_images_do_not_change_an_images_term():
+    """Without in-batch negatives the batch loss is the mean of one-image losses, and moving
+    another image's embeddings changes nothing for image 0; with them, it does."""
+    z1, z2, z_neg = embeddings(6, 2, 8, seed=0)
+    alone = [instance_nt_xent_loss(z1[i:i + 1], z2[i:i + 1], z_neg[i:i + 1], 0.2)
+             for i in range(6)]
+    torch.testing.assert_close(instance_nt_xent_loss(z1, z2, z_neg, 0.2), torch.stack(alone).mean())
+
+    def grad_of_image_0(in_batch, shift):
+        a = z1.clone()
+        a[3:] += shift  # move images 3-5 only
+        a.requires_grad_()
+        instance_nt_xent_loss(a, z2, z_neg, 0.2, in_batch).backward()
+        return a.grad[0]
+
+    torch.testing.assert_close(grad_of_image_0(False, 0.0), grad_of_image_0(False, 5.0))
+    assert not torch.allclose(grad_of_image_0(True, 0.0), grad_of_image_0(True, 5.0))
+
+
+def test_in_batch_without_patch_negatives_is_simclr():
+    z1, z2, _ = embeddings(7, 1, 9, seed=3)
+    no_patches = torch.empty(7, 0, 9)
+    torch.testing.assert_close(instance_nt_xent_loss(z1, z2, no_patches, 0.15, in_batch=True),
+                               nt_xent_loss(z1, z2, 0.15))
+
+
+def test_extremes_and_gradient():
+    # Positive identical to the anchor, negative orthogonal: -log(e^(1/tau) / (e^(1/tau) + 1)).
+    z = torch.eye(4)
+    z_neg = torch.roll(torch.eye(4), 1, dims=1).unsqueeze(1)
+    expected = -math.log(math.exp(2) / (math.exp(2) + 1))
+    torch.testing.assert_close(instance_nt_xent_loss(z, z.clone(), z_neg, 0.5),
+                               torch.tensor(expected))
+    z1, z2, z_neg = (t.requires_grad_() for t in embeddings(4, 2, 5, seed=1, dtype=torch.float64))
+    for in_batch in (False, True):
+        assert torch.autograd.gradcheck(
+            lambda a, b, c: instance_nt_xent_loss(a, b, c, 0.3, in_batch), (z1, z2, z_neg))
+
+
+def test_in_batch_ddp_equals_single_process():
+    g = torch.Generator().manual_seed(2)
+    z1, z2 = torch.randn(8, 6, generator=g), torch.randn(8, 6, generator=g)
+    ranks, (full, grad1_full, grad2_full) = run_ddp("instance", z1, z2)
+    torch.testing.assert_close(torch.stack([r[0] for r in ranks]).mean(), full)
+    # all_gather's backward sums each share's gradient over the 2 ranks; DDP then averages.
+    torch.testing.assert_close(torch.cat([r[1] for r in ranks]) / 2, grad1_full)
+    torch.testing.assert_close(torch.cat([r[2] for r in ranks]) / 2, grad2_full)
+
+
+def test_recipes():
+    """noise: Gaussian noise and nothing else; simclr: SimCLR's flip, jitter, grayscale too.
+    Both crop with the patch settings."""
+    noise = patch_view(Args(noise_std=0.2, patch_scale=(0.1, 0.3), resolution=28))
+    assert [type(op) for op in noise.augmentations()] == [C.GaussianNoise]
+    assert (noise.noise_p, noise.noise_std, noise.crop_scale, noise.resolution) == (1.0, 0.2,
+                                                                                      (0.1, 0.3), 28)
+    full = patch_view(Args(recipe="simclr", patch_scale=(0.1, 0.3)))
+    assert [type(op) for op in full.augmentations()] == [
+        C.RandomHorizontalFlip, C.RandomColorJitter, C.RandomGrayscale, C.GaussianNoise]
+    assert full.crop_scale == (0.1, 0.3) and full.saturation == C.simclr_views()[0].saturation
+
+
+TINY = ["--epochs", "2", "--batch-size", "64", "--projector-dims", "64", "64", "--resolution",
+        "16", "--warmup-epochs", "0.5", "--num-workers", "1", "--device", "cpu"]
+
+
+def run(betons, out_dir, *extra, torchrun=False):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc-per-node", "2"] if torchrun else [sys.executable]
+    cmd = [*launcher, "instance_simclr.py", "--train-beton", betons["train"], "--val-beton",
+           betons["val"], "--out-dir", str(out_dir), *TINY, *extra]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def test_end_to_end(betons, tmp_path):
+    """Train 5 steps (stops in epoch 1, checkpointed), resume to the end, export, probe."""
+    import probe
+
+    run(betons, tmp_path, "--max-steps", "5", "--num-negatives", "2")
+    resumed = run(betons, tmp_path, "--num-negatives", "2")
+    assert "resumed from" in resumed.stdout and "epoch 2/2" in resumed.stdout
+    epochs = [json.loads(line) for line in open(tmp_path / "log.jsonl") if "probe_acc" in line]
+    assert [e["epoch"] for e in epochs] == [1, 2] and all(math.isfinite(e["loss"]) for e in epochs)
+    meta = json.load(open(tmp_path / "backbone.json"))
+    assert meta == {"arch": "resnet18", "small_stem": True, "resolution": 16,
+                    "method": "instance_simclr"}
+    net = torchvision.models.resnet18()
+    net.fc = nn.Identity()
+    net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    net.maxpool = nn.Identity()
+    net.load_state_dict(torch.load(tmp_path / "backbone.pt", weights_only=True), strict=True)
+    res = probe.main(probe.Args(backbone=str(tmp_path / "backbone.pt"), heads=("knn", "linear"),
+                                train_beton=betons["train"], val_beton=betons["val"], epochs=5,
+                                num_workers=1, device="cpu"))
+    assert 0 <= res["knn"]["top1"] <= 1 and 0 <= res["linear"]["top1"] <= 1
+
+
+def test_torchrun_in_batch_and_simclr_recipe(betons, tmp_path):
+    done = run(betons, tmp_path, "--max-steps", "2", "--in-batch-negatives", "--recipe", "simclr",
+               torchrun=True)
+    assert '"world": 2' in done.stdout
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 2
+
+
+def test_bad_arguments(betons, tmp_path):
+    cmd = [sys.executable, "instance_simclr.py", "--train-beton", betons["train"], "--val-beton",
+           betons["val"], "--out-dir", str(tmp_path), *TINY]
+    done = subprocess.run(cmd + ["--num-negatives", "0"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode != 0 and "error: --num-negatives 0" in done.stderr
+    done = subprocess.run(cmd + ["--train-beton", str(tmp_path / "missing.beton")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "no such .beton file" in done.stderr
