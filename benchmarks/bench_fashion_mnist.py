@@ -18,14 +18,15 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Fashion-MNIST's native 28 px; a short warm-up for a short run.
-COMMON = ["--batch-size", "256", "--view1.resolution", "28", "--view2.resolution", "28"]
+COMMON = ["--batch-size", "256"]
+VIEWS = ["--view1.resolution", "28", "--view2.resolution", "28"]
 FULL = ["--epochs", "2", "--warmup-epochs", "0.2"]  # all 60k images, probes on all of them
 QUICK = ["--epochs", "1", "--warmup-epochs", "0.1", "--train-subset", "10000"]
 # The papers' 8192-wide projectors double the step time on this CPU (4.3 s vs 2.1 s per step of
 # 256 images at 2048): the CPU benchmark uses 2048-wide ones. Pass --projector-dims to change it.
-PER_METHOD = {"simclr": [], "instance_simclr": [],
-              "barlowtwins": ["--projector-dims", "2048", "2048", "2048"],
-              "vicreg": ["--projector-dims", "2048", "2048", "2048"]}
+PER_METHOD = {"simclr": VIEWS, "instance_simclr": ["--resolution", "28"],
+              "barlowtwins": VIEWS + ["--projector-dims", "2048", "2048", "2048"],
+              "vicreg": VIEWS + ["--projector-dims", "2048", "2048", "2048"]}
 NAMES = {"simclr": "SimCLR", "instance_simclr": "instance SimCLR", "barlowtwins": "Barlow Twins",
          "vicreg": "VICReg"}
 
@@ -46,7 +47,7 @@ def main(extra):
     if method not in PER_METHOD:
         sys.exit(f"error: unknown --method {method!r}; choose one of {', '.join(PER_METHOD)}")
     budget = COMMON + (QUICK if quick else FULL) + PER_METHOD[method]
-    out = os.path.join(ROOT, "runs", "demo" if quick else os.path.join("bench_fashion_mnist", method))
+    out = os.path.join(ROOT, "runs", "demo" if quick else f"bench_fashion_mnist/{method}")
     probe_subset = ["--train-subset", "10000"] if quick else []
     py = sys.executable
     for split in ("train", "val"):
