@@ -10,7 +10,9 @@ for biases and BatchNorm parameters, x batch/256, LARS, weight decay 1.5e-6).
     torchrun --nproc-per-node 4 barlowtwins.py             # DDP: --batch-size is the global batch
     python probe.py --backbone runs/barlowtwins/backbone.pt
 
-Measured result: not yet (see README).
+Measured (README, "Does it learn?"): Fashion-MNIST, 28 px, ResNet-18 with the small stem, projector
+2048-2048-2048, 2 epochs on a 2-core CPU: linear probe 83.9% top-1 against 83.5% for the same
+network with random weights; MLP probe 88.5% against 87.3%; k-NN 81.7% against 82.6%.
 """
 
 import json

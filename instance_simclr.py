@@ -166,9 +166,9 @@ class InstanceSimCLR(nn.Module):
     def forward(self, x1, x2, negatives, y):
         """x1, x2: the two noisy copies of patch A (B, 3, R, R); negatives: K such batches."""
         h1, h2 = self.backbone(x1), self.backbone(x2)  # (B, width)
-        hn = self.backbone(torch.cat(negatives))  # (K B, width)
-        z1, z2, zn = self.projector(h1).float(), self.projector(h2).float(), self.projector(hn)
-        zn = zn.float().view(len(negatives), len(x1), -1).transpose(0, 1)  # (B, K, d)
+        hn = self.backbone(torch.cat(negatives))  # (K B, width); zn below: (B, K, d)
+        z1, z2 = self.projector(h1).float(), self.projector(h2).float()
+        zn = self.projector(hn).float().view(len(negatives), len(x1), -1).transpose(0, 1)
         # The loss in fp32: under bf16 autocast its matmuls and sums would run in bf16.
         with torch.autocast(x1.device.type, enabled=False):
             loss = instance_nt_xent_loss(z1, z2, zn, self.temperature, self.in_batch)

@@ -9,7 +9,9 @@ projector, the BYOL augmentation recipe, LARS with base lr 0.2 x batch/256 and w
     torchrun --nproc-per-node 4 vicreg.py                  # DDP: --batch-size is the global batch
     python probe.py --backbone runs/vicreg/backbone.pt
 
-Measured result: not yet (see README).
+Measured (README, "Does it learn?"): Fashion-MNIST, 28 px, ResNet-18 with the small stem, projector
+2048-2048-2048, 2 epochs on a 2-core CPU: linear probe 84.5% top-1 against 83.5% for the same
+network with random weights; MLP probe 88.3% against 87.3%; k-NN 82.8% against 82.6%.
 """
 
 import json
