@@ -15,7 +15,9 @@ their own noise). Each image's InfoNCE sees only its own K negatives, never the 
     torchrun --nproc-per-node 4 instance_simclr.py              # DDP: --batch-size is global
     python probe.py --backbone runs/instance_simclr/backbone.pt
 
-Measured result: see README, "Does it learn?".
+Measured (README, "Does it learn?"): Fashion-MNIST, 28 px, ResNet-18 with the small stem, 2 epochs
+on a 2-core CPU: linear probe 83.7% top-1 against 83.5% for random weights, MLP 88.5% against
+87.3%, k-NN 81.9% against 82.6%; SimCLR gains 2.6 / 3.0 / 1.0 points in the same budget.
 """
 
 import json
