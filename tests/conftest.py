@@ -88,6 +88,37 @@ def make_image_folder(root, per_class=6, corrupt=None, seed=0):
     return root
 
 
+# ---- method scripts end to end ----
+def run_method(script, betons, out_dir, *args, torchrun=False, check=True):
+    """`python <script>` (or torchrun with 2 CPU processes) on the test .beton files; with
+    `check`, a non-zero exit fails the test with the end of the script's output."""
+    import subprocess
+
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc-per-node", "2"] if torchrun else [sys.executable]
+    cmd = [*launcher, script, "--train-beton", betons["train"], "--val-beton", betons["val"],
+           "--out-dir", str(out_dir), *args]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    if check and done.returncode != 0:
+        raise AssertionError(done.stdout[-3000:] + done.stderr[-3000:])
+    return done
+
+
+def load_exported_resnet18(path):
+    """A method's backbone.pt into torchvision's resnet18 with fc = Identity() and the small
+    stem, strictly: what a user of the export does."""
+    import torch
+    import torch.nn as nn
+    import torchvision
+
+    net = torchvision.models.resnet18()
+    net.fc = nn.Identity()
+    net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    net.maxpool = nn.Identity()
+    net.load_state_dict(torch.load(path, weights_only=True), strict=True)
+    return net
+
+
 # ---- the DDP path of a loss, with CPU processes ----
 def _loss(name, z1, z2):
     if name == "nt_xent":

@@ -3,16 +3,12 @@ gradient check, collapsed inputs, the DDP path with 2 CPU processes, and each sc
 (train, resume, export, probe, torchrun) on the tiny .beton the tests write."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
-import torch.nn as nn
-import torchvision
 
 from barlowtwins import barlow_twins_loss
-from conftest import ROOT, run_ddp
+from conftest import load_exported_resnet18, run_ddp, run_method
 from vicreg import vicreg_loss
 
 
@@ -121,13 +117,7 @@ TINY = ["--epochs", "2", "--batch-size", "64", "--projector-dims", "64", "64",
 
 
 def run(script, betons, out_dir, *extra, torchrun=False):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                "--nproc-per-node", "2"] if torchrun else [sys.executable]
-    cmd = [*launcher, script, "--train-beton", betons["train"], "--val-beton", betons["val"],
-           "--out-dir", str(out_dir), *TINY, *extra]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done
+    return run_method(script, betons, out_dir, *TINY, *extra, torchrun=torchrun)
 
 
 @pytest.mark.parametrize("script", ["barlowtwins.py", "vicreg.py"])
@@ -143,11 +133,7 @@ def test_end_to_end(script, betons, tmp_path):
         assert {"repr", "std", "cov"} <= set(epochs[-1])  # each term logged
     meta = json.load(open(tmp_path / "backbone.json"))
     assert meta["method"] == script[:-3] and meta["small_stem"]
-    net = torchvision.models.resnet18()
-    net.fc = nn.Identity()
-    net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
-    net.maxpool = nn.Identity()
-    net.load_state_dict(torch.load(tmp_path / "backbone.pt", weights_only=True), strict=True)
+    load_exported_resnet18(tmp_path / "backbone.pt")
     res = probe.main(probe.Args(backbone=str(tmp_path / "backbone.pt"), heads=("knn", "linear"),
                                 train_beton=betons["train"], val_beton=betons["val"], epochs=5,
                                 num_workers=1, device="cpu"))

@@ -4,28 +4,20 @@ evaluates it (and a random init), and torchrun runs it with 2 CPU processes."""
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
-import torch.nn as nn
-import torchvision
 
-from conftest import ROOT
+from conftest import load_exported_resnet18, run_method
 
 TINY = ["--epochs", "2", "--batch-size", "64", "--projector-dims", "64", "32",
         "--view1.resolution", "16", "--view2.resolution", "16", "--warmup-epochs", "0.5",
         "--num-workers", "1", "--device", "cpu"]
 
 
-def simclr(betons, out_dir, *extra, check=True):
-    cmd = [sys.executable, "simclr.py", "--train-beton", betons["train"], "--val-beton",
-           betons["val"], "--out-dir", str(out_dir), *TINY, *extra]
-    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    if check and run.returncode != 0:
-        raise AssertionError(run.stdout[-3000:] + run.stderr[-3000:])
-    return run
+def simclr(betons, out_dir, *extra, check=True, torchrun=False):
+    return run_method("simclr.py", betons, out_dir, *TINY, *extra, check=check,
+                      torchrun=torchrun)
 
 
 @pytest.fixture(scope="module")
@@ -57,11 +49,7 @@ def math_finite(x):
 def test_exported_backbone_loads_into_torchvision(straight):
     meta = json.load(open(straight / "backbone.json"))
     assert meta == {"arch": "resnet18", "small_stem": True, "resolution": 16, "method": "simclr"}
-    net = torchvision.models.resnet18()
-    net.fc = nn.Identity()
-    net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
-    net.maxpool = nn.Identity()
-    net.load_state_dict(torch.load(straight / "backbone.pt", weights_only=True), strict=True)
+    net = load_exported_resnet18(straight / "backbone.pt")
     assert net(torch.randn(2, 3, 16, 16)).shape == (2, 512)
 
 
@@ -142,10 +130,6 @@ def test_probe_refuses_a_backbone_of_another_architecture(straight, betons):
 
 
 def test_torchrun_two_cpu_processes(betons, tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "simclr.py", "--train-beton", betons["train"], "--val-beton",
-           betons["val"], "--out-dir", str(tmp_path), *TINY, "--max-steps", "2"]
-    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    run = simclr(betons, tmp_path, "--max-steps", "2", torchrun=True)
     assert '"world": 2' in run.stdout
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 2

@@ -4,16 +4,12 @@ negatives), the DDP path, the patch recipes, and the script end to end."""
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
-import torch.nn as nn
-import torchvision
 
 import ffcv_ssl_common as C
-from conftest import ROOT, run_ddp
+from conftest import load_exported_resnet18, run_ddp, run_method
 from instance_simclr import Args, instance_nt_xent_loss, patch_view
 from simclr import nt_xent_loss
 
@@ -119,14 +115,9 @@ TINY = ["--epochs", "2", "--batch-size", "64", "--projector-dims", "64", "64", "
         "16", "--warmup-epochs", "0.5", "--num-workers", "1", "--device", "cpu"]
 
 
-def run(betons, out_dir, *extra, torchrun=False):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                "--nproc-per-node", "2"] if torchrun else [sys.executable]
-    cmd = [*launcher, "instance_simclr.py", "--train-beton", betons["train"], "--val-beton",
-           betons["val"], "--out-dir", str(out_dir), *TINY, *extra]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done
+def run(betons, out_dir, *extra, torchrun=False, check=True):
+    return run_method("instance_simclr.py", betons, out_dir, *TINY, *extra, torchrun=torchrun,
+                      check=check)
 
 
 def test_end_to_end(betons, tmp_path):
@@ -141,11 +132,7 @@ def test_end_to_end(betons, tmp_path):
     meta = json.load(open(tmp_path / "backbone.json"))
     assert meta == {"arch": "resnet18", "small_stem": True, "resolution": 16,
                     "method": "instance_simclr"}
-    net = torchvision.models.resnet18()
-    net.fc = nn.Identity()
-    net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
-    net.maxpool = nn.Identity()
-    net.load_state_dict(torch.load(tmp_path / "backbone.pt", weights_only=True), strict=True)
+    load_exported_resnet18(tmp_path / "backbone.pt")
     res = probe.main(probe.Args(backbone=str(tmp_path / "backbone.pt"), heads=("knn", "linear"),
                                 train_beton=betons["train"], val_beton=betons["val"], epochs=5,
                                 num_workers=1, device="cpu"))
@@ -160,11 +147,8 @@ def test_torchrun_in_batch_and_simclr_recipe(betons, tmp_path):
 
 
 def test_bad_arguments(betons, tmp_path):
-    cmd = [sys.executable, "instance_simclr.py", "--train-beton", betons["train"], "--val-beton",
-           betons["val"], "--out-dir", str(tmp_path), *TINY]
-    done = subprocess.run(cmd + ["--num-negatives", "0"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+    done = run(betons, tmp_path, "--num-negatives", "0", check=False)
     assert done.returncode != 0 and "error: --num-negatives 0" in done.stderr
-    done = subprocess.run(cmd + ["--train-beton", str(tmp_path / "missing.beton")], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    done = run({"train": str(tmp_path / "missing.beton"), "val": betons["val"]}, tmp_path,
+               check=False)
     assert done.returncode != 0 and "no such .beton file" in done.stderr
