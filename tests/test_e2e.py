@@ -59,6 +59,9 @@ def test_resume_continues_exactly(betons, straight, tmp_path):
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] == 1
     run = simclr(betons, tmp_path)
     assert "resumed from" in run.stdout and "at epoch 1" in run.stdout
+    import simclr as module  # --precision auto, resolved for this CPU and printed
+
+    assert f'"bf16": {json.dumps(module.bf16_is_fast(torch.device("cpu")))}' in run.stdout
     a = torch.load(straight / "backbone.pt", weights_only=True)
     b = torch.load(tmp_path / "backbone.pt", weights_only=True)
     for key in a:
