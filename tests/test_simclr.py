@@ -43,9 +43,11 @@ def test_nt_xent_extremes():
 
 
 @pytest.mark.parametrize("module,loss_of", [
-    ("simclr", lambda m, z1, z2: m.nt_xent_loss(z1, z2, 0.15)),
-    ("barlowtwins", lambda m, z1, z2: m.barlow_twins_loss(z1, z2, 0.0051)),
-    ("vicreg", lambda m, z1, z2: m.vicreg_loss(z1, z2)[0]),
+    ("simclr", lambda m, z: m.nt_xent_loss(z[0], z[1], 0.15)),
+    ("barlowtwins", lambda m, z: m.barlow_twins_loss(z[0], z[1], 0.0051)),
+    ("vicreg", lambda m, z: m.vicreg_loss(z[0], z[1])[0]),
+    # one negative patch per image: the third projector call, (8, d) -> (8, K=1, d)
+    ("instance_simclr", lambda m, z: m.instance_nt_xent_loss(z[0], z[1], z[2][:, None], 0.15)),
 ])
 def test_loss_is_fp32_under_bf16_autocast(module, loss_of):
     """The backbone and projector run in bf16, the loss on their (fp32-cast) outputs in fp32:
@@ -55,16 +57,19 @@ def test_loss_is_fp32_under_bf16_autocast(module, loss_of):
     m = importlib.import_module(module)
     args = m.Args(arch="resnet18", projector_dims=(64, 32))
     torch.manual_seed(0)
-    model = m.__dict__[{"simclr": "SimCLR", "barlowtwins": "BarlowTwins",
-                        "vicreg": "VICReg"}[module]](args, small_stem=True)
+    model = m.__dict__[{"simclr": "SimCLR", "barlowtwins": "BarlowTwins", "vicreg": "VICReg",
+                        "instance_simclr": "InstanceSimCLR"}[module]](args, small_stem=True)
     outputs = []
     model.projector.register_forward_hook(lambda mod, inp, out: outputs.append(out))
     x1, x2, y = torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16), torch.arange(8) % 10
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = model(x1, x2, y)[0]
+        if module == "instance_simclr":
+            loss = model(x1, x2, [torch.randn(8, 3, 16, 16)], y)[0]
+        else:
+            loss = model(x1, x2, y)[0]
     assert outputs[0].dtype == torch.bfloat16  # the network did run under autocast
     assert loss.dtype == torch.float32
-    expected = loss_of(m, outputs[0].float(), outputs[1].float())
+    expected = loss_of(m, [out.float() for out in outputs])
     torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
 
 
