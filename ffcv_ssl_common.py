@@ -22,6 +22,7 @@ batches whatever the number of worker threads, and a shuffled loader gives new v
 Preview what a recipe does:  python ffcv_ssl_common.py --beton data/fashion-mnist_train.beton
 """
 
+import math
 import os
 from dataclasses import dataclass, replace
 from typing import Literal, Sequence
@@ -49,7 +50,15 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225]) * 255
 
 # cache=True keeps the machine code on disk (__pycache__): a new process loads it instead of
 # compiling again, which is most of what makes a loader's first batch slow.
-_njit = numba.njit(cache=True, nogil=True)
+# fastmath=False and error_model, set explicitly: ffcv compiles its pipelines with fastmath=True,
+# numba passes an unset flag on to every function called from there, and its on-disk cache does
+# not key on flags. Left unset, whichever program compiled a kernel first decided whether it had
+# fused multiply-adds (a*b + c*d rounded once instead of three times), and the same call then gave
+# other pixels in a later process: 3.8% of the values of saturation 1.4 moved by one grey level
+# on a Xeon (AVX-512) after a training run had compiled the kernels. Set, the code is the same
+# whatever compiled it first (tests/test_augmentations.py checks both orders).
+_NUMBA_FLAGS = dict(cache=True, nogil=True, fastmath=False, error_model="numpy")
+_njit = numba.njit(**_NUMBA_FLAGS)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -389,7 +398,7 @@ def _apply(kind, img, key, consts):
         add_gaussian_noise_(img, consts[1], key)
 
 
-@numba.njit(cache=True, nogil=True, parallel=True)
+@numba.njit(parallel=True, **_NUMBA_FLAGS)
 def augment_batch(kind, images, dst, batch_indices, seed, consts):
     """The parallel loop shared by every augmentation: copy, then transform with probability p.
     One cached, compiled function serves all of them: compiling a parallel loop takes seconds,
@@ -623,6 +632,37 @@ class ViewConfig:
     noise_std: float = 0.0
     """Noise standard deviation in [0, 1] image units."""
 
+    def validate(self, prefix: str = "") -> None:
+        """One line naming the first bad setting (flags as a method file's: `--view1.hue`)."""
+        def pair_ok(v, low, high):
+            return low < v[0] <= v[1] <= high
+        rules = [
+            ("resolution", self.resolution, 1 <= self.resolution <= 4096, "an integer in 1..4096"),
+            ("crop-scale", self.crop_scale, pair_ok(self.crop_scale, 0, 1),
+             "two fractions 0 < min <= max <= 1"),
+            ("crop-ratio", self.crop_ratio, pair_ok(self.crop_ratio, 0, math.inf),
+             "two ratios 0 < min <= max"),
+            ("brightness", self.brightness, self.brightness >= 0, ">= 0"),
+            ("contrast", self.contrast, self.contrast >= 0, ">= 0"),
+            ("saturation", self.saturation, self.saturation >= 0, ">= 0"),
+            ("hue", self.hue, 0 <= self.hue <= 0.5, "in [0, 0.5]"),
+            ("blur-sigma", self.blur_sigma, pair_ok(self.blur_sigma, 0, math.inf),
+             "two values 0 < min <= max (pixels)"),
+            ("blur-kernel-size", self.blur_kernel_size,
+             self.blur_kernel_size == 0 or (self.blur_kernel_size > 0 and self.blur_kernel_size % 2),
+             "0 (automatic) or an odd integer >= 1"),
+            ("solarize-threshold", self.solarize_threshold, 0 <= self.solarize_threshold <= 255,
+             "a grey level in 0..255"),
+            ("noise-std", self.noise_std, self.noise_std >= 0, ">= 0 (in [0, 1] image units)"),
+        ] + [(name.replace("_", "-"), getattr(self, name), 0 <= getattr(self, name) <= 1,
+              "a probability in [0, 1]")
+             for name in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p", "noise_p")]
+        for name, value, allowed, what in rules:
+            numbers = value if isinstance(value, tuple) else (value,)
+            if len(numbers) != (2 if isinstance(value, tuple) else 1) or not all(
+                    math.isfinite(v) for v in numbers) or not allowed:
+                raise ValueError(f"{prefix}{name} {value}: must be {what}")
+
     def kernel_size(self) -> int:
         if self.blur_kernel_size:
             return self.blur_kernel_size
@@ -709,13 +749,56 @@ class SSLLoader(Loader):
         names = list(self.pipeline_specs)
         self.output_positions = [names.index(name) for name in outputs]
 
+    skip_batches = 0
+    """Batches to leave out at the start of the next epoch (a run resumed mid-epoch): the rest
+    are the batches an uninterrupted run would have seen, with the same random views."""
+
     def __iter__(self):  # ffcv's, returning our iterator
         Compiler.set_num_threads(self.num_workers)
         order = self.next_traversal_order()[: len(self) * self.batch_size]
-        self.next_epoch += 1
+        order = order[self.skip_batches * self.batch_size:]
+        self.next_epoch, self.skip_batches = self.next_epoch + 1, 0
         if self.code is None or self.recompile:
             self.generate_code()
+            # numba's finaliser for a garbage-collected pipeline raises (and prints) a KeyError
+            # from its own dictionary of compiled versions ("Exception ignored in: <finalize
+            # object ...>"); alive until exit, where numba skips that finaliser.
+            _COMPILED_LOADERS.append(self)
         return _EpochIterator(self, order)
+
+
+_COMPILED_LOADERS: list[SSLLoader] = []
+
+
+class InterleavedLoader:
+    """Several .beton files as one training set (e.g. STL-10's train and unlabeled): one shuffled
+    ffcv loader per file, and each epoch's batches drawn from them in a random order seeded by
+    (seed, epoch), every file giving all its batches. A batch holds images of one file (an ffcv
+    loader reads one file); over an epoch every image is seen once, as with one file."""
+
+    def __init__(self, loaders: Sequence[SSLLoader], seed: int):
+        self.loaders, self.seed = list(loaders), seed
+        self.next_epoch, self.skip_batches = 0, 0
+        self.batch_size = self.loaders[0].batch_size
+
+    def __len__(self):
+        return sum(len(loader) for loader in self.loaders)
+
+    def sources(self, epoch: int) -> np.ndarray:
+        """Which file each batch of `epoch` comes from."""
+        sources = np.repeat(np.arange(len(self.loaders)), [len(l) for l in self.loaders])
+        np.random.default_rng([self.seed, epoch]).shuffle(sources)
+        return sources
+
+    def __iter__(self):
+        sources = self.sources(self.next_epoch)
+        done = sources[:self.skip_batches]
+        for k, loader in enumerate(self.loaders):
+            loader.next_epoch, loader.skip_batches = self.next_epoch, int((done == k).sum())
+        self.next_epoch, self.skip_batches = self.next_epoch + 1, 0
+        iterators = [iter(loader) for loader in self.loaders]
+        for k in sources[len(done):]:
+            yield next(iterators[k])
 
 
 class _NormalizeOnDevice(torch.nn.Module):
@@ -768,31 +851,55 @@ def open_beton(path: str) -> Reader:
     return reader
 
 
-def subset_indices(beton: str, size: int, seed: int = 0) -> np.ndarray | None:
-    """`size` image indices of `beton` drawn at random with `seed`, sorted (None when size is 0:
-    all images), for a loader's `indices`."""
+def subset_indices(beton: str | Sequence[str], size: int, seed: int = 0):
+    """`size` image indices drawn at random with `seed`, sorted, for a loader's `indices` (None
+    when size is 0: all images). For several files, drawn from all of them together: a list with
+    one array (or None) per file."""
+    if isinstance(beton, str):
+        picked = subset_indices([beton], size, seed)
+        return None if picked is None else picked[0]
     if not size:
         return None
-    count = int(open_beton(beton).num_samples)  # a numpy uint64: permutation() would give floats
-    if size > count:
-        raise ValueError(f"a subset of {size} images asked from {beton}, which holds {count}")
-    return np.sort(np.random.default_rng(seed).permutation(count)[:size]).astype(np.int64)
+    counts = [int(open_beton(b).num_samples) for b in beton]  # uint64: permutation() gives floats
+    if size > sum(counts):
+        raise ValueError(f"a subset of {size} images asked from {', '.join(beton)}, which hold "
+                         f"{sum(counts)}")
+    picked = np.sort(np.random.default_rng(seed).permutation(sum(counts))[:size]).astype(np.int64)
+    starts = np.cumsum([0] + counts)
+    return [picked[(picked >= a) & (picked < b)] - a for a, b in zip(starts[:-1], starts[1:])]
 
 
-def _check_batches(path, reader, batch_size, drop_last, distributed):
+def check_labels(beton: str, num_classes: int, unlabelled_ok: bool) -> None:
+    """Labels must be 0 .. num_classes - 1 (or -1, unlabelled, where `unlabelled_ok`): a label out
+    of range would crash the probe's cross-entropy, with a device assert on a GPU."""
+    reader = open_beton(beton)
+    labels = reader.metadata[f"f{list(reader.handlers).index('label')}"]
+    low, high = int(labels.min()), int(labels.max())
+    if high >= num_classes:
+        raise ValueError(f"{beton} has labels up to {high}; pass --num-classes {high + 1}")
+    if low < (-1 if unlabelled_ok else 0):
+        what = "-1 (unlabelled) or more" if unlabelled_ok else "labelled (>= 0)"
+        raise ValueError(f"{beton} has label {low}; its images must be {what}")
+
+
+def _check_batches(path, reader, batch_size, drop_last, distributed, indices):
     world = torch.distributed.get_world_size() if distributed else 1
-    if drop_last and reader.num_samples // world < batch_size:
-        raise ValueError(f"{path} has {reader.num_samples} images, fewer than one batch of "
+    count = reader.num_samples if indices is None else len(indices)
+    if drop_last and count // world < batch_size:
+        raise ValueError(f"{path} has {count} images to train on, fewer than one batch of "
                          f"{batch_size} per process; lower --batch-size")
 
 
-def make_ssl_loader(beton: str, views: Sequence[ViewConfig], batch_size: int,
+def make_ssl_loader(beton: str | Sequence[str], views: Sequence[ViewConfig], batch_size: int,
                     num_workers: int = 2, seed: int = 0, distributed: bool = False,
                     device: str | torch.device = "cpu", shared_crop: bool = False,
-                    normalize: bool = True, indices: Sequence[int] | None = None,
-                    drop_last: bool = True, negatives: Sequence[ViewConfig] = ()) -> SSLLoader:
+                    normalize: bool = True, indices=None, drop_last: bool = True,
+                    negatives: Sequence[ViewConfig] = ()) -> "SSLLoader | InterleavedLoader":
     """A shuffled loader yielding `(view_1, ..., view_k, label)`, or with `negatives`
     `(view_1, ..., view_k, negative_1, ..., negative_m, label)`.
+
+    `beton` may be several files (then `indices` is a list with one entry per file, as
+    subset_indices gives): an InterleavedLoader over one loader per file, each with its own seeds.
 
     Each view decodes and crops the image on its own; with `shared_crop`, views[0]'s crop is made
     once and every view branches after it (its own flips, colours, noise...: the two positives of
@@ -806,8 +913,14 @@ def make_ssl_loader(beton: str, views: Sequence[ViewConfig], batch_size: int,
     """
     if not views:
         raise ValueError("at least one view is needed")
+    if not isinstance(beton, str):
+        per_file = indices if indices is not None else [None] * len(beton)
+        loaders = [make_ssl_loader(b, views, batch_size, num_workers, seed + 65537 * k,
+                                   distributed, device, shared_crop, normalize, per_file[k],
+                                   drop_last, negatives) for k, b in enumerate(beton)]
+        return loaders[0] if len(loaders) == 1 else InterleavedLoader(loaders, seed)
     reader = open_beton(beton)
-    _check_batches(beton, reader, batch_size, drop_last, distributed)
+    _check_batches(beton, reader, batch_size, drop_last, distributed, indices)
     device = torch.device(device)
     on_gpu = device.type == "cuda"
     if negatives and not shared_crop:

@@ -15,14 +15,21 @@ their own noise). Each image's InfoNCE sees only its own K negatives, never the 
     torchrun --nproc-per-node 4 instance_simclr.py              # DDP: --batch-size is global
     python probe.py --backbone runs/instance_simclr/backbone.pt
 
+Killed or pre-empted? Run the same command again: it resumes exactly where the last checkpoint
+(every epoch, every --checkpoint-every-min, and on SIGTERM / SIGUSR1) left it.
+
 Measured (README, "Does it learn?"): Fashion-MNIST, 28 px, ResNet-18 with the small stem, 2 epochs
 on a 2-core CPU: linear probe 83.7% top-1 against 83.5% for random weights, MLP 88.5% against
 87.3%, k-NN 81.9% against 82.6%; SimCLR gains 2.6 / 3.0 / 1.0 points in the same budget.
 """
 
+import hashlib
 import json
 import math
 import os
+import shutil
+import signal
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -37,19 +44,22 @@ import torchvision
 import tyro
 from tqdm import tqdm
 
-from ffcv_ssl_common import (ViewConfig, make_eval_loader, make_ssl_loader, simclr_views,
-                             subset_indices)
+from ffcv_ssl_common import (ViewConfig, check_labels, make_eval_loader, make_ssl_loader,
+                             simclr_views, subset_indices)
+
+METHOD = "instance_simclr"  # names the plots and exports; everything else below the loss is shared
 
 
 @dataclass
 class Args:
     # ---- data ----
-    train_beton: str = "data/fashion-mnist_train.beton"
-    """Training images (write them with write_beton.py)."""
+    train_beton: tuple[str, ...] = ("data/fashion-mnist_train.beton",)
+    """Training images: one .beton or several (e.g. STL-10's train and unlabeled files). Labels
+    are only used by the online probe; label -1 marks an unlabelled image."""
     val_beton: str = "data/fashion-mnist_val.beton"
-    """Validation images, for the online probe."""
+    """Validation images (labelled), for the online probe."""
     num_classes: int = 10
-    """Classes of the online linear probe."""
+    """Classes of the online linear probe (labels 0 .. num_classes - 1)."""
     resolution: int = 32
     """Side of every patch after resizing, in pixels."""
     patch_scale: tuple[float, float] = (0.08, 0.25)
@@ -66,7 +76,7 @@ class Args:
     train_subset: int = 0
     """Train on this many images drawn at random with `seed` (0: all); for quick runs."""
     num_workers: int = 2
-    """Loader threads per process."""
+    """Loader threads per process (the random views do not depend on it)."""
     # ---- model ----
     arch: str = "resnet18"
     """Any torchvision ResNet: resnet18/34/50/101/152, resnext*, wide_resnet*."""
@@ -77,13 +87,17 @@ class Args:
     """Projector MLP widths after the backbone: hidden layers Linear-BN-ReLU, last Linear."""
     # ---- optimisation ----
     epochs: int = 100
+    """Passes over the training set; the learning-rate schedule spans all of them."""
     batch_size: int = 256
     """Global batch (split over DDP processes)."""
     optimizer: Literal["lars", "sgd", "adamw"] = "lars"
+    """LARS as in the paper; SGD or AdamW (same parameter groups) to compare."""
     base_lr: float = 1.0
     """Peak learning rate = base_lr x batch_size / 256 (LARS; use ~0.001 for AdamW)."""
     weight_decay: float = 1e-6
+    """Weight decay of the weights (biases and BatchNorm parameters get none)."""
     momentum: float = 0.9
+    """Momentum of LARS and SGD."""
     lars_eta: float = 0.001
     """LARS trust coefficient."""
     warmup_epochs: float = 10
@@ -99,21 +113,83 @@ class Args:
     out_dir: str = "runs/instance_simclr"
     """Checkpoints, logs, exported backbone."""
     resume: bool = True
-    """Continue from out_dir/checkpoint.pt when it exists (--no-resume starts over)."""
+    """Continue from out_dir/checkpoint.pt if it exists; refused when a setting that changes the
+    result differs. --no-resume starts over: the checkpoint, log and exports in out_dir are
+    deleted."""
+    checkpoint_every_min: float = 10.0
+    """Minutes between checkpoints within an epoch (0: only at the end of each epoch). SIGTERM and
+    SIGUSR1 (sent by clusters before pre-emption) also save one, then stop the run."""
     seed: int = 0
+    """Seed of the weights' initialisation, the data order and every augmentation."""
     device: Literal["auto", "cuda", "cpu"] = "auto"
+    """auto: CUDA when available."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """bf16 autocast or plain fp32. auto: bf16 where the hardware computes in bf16 (CUDA GPUs from
     Ampere on; CPUs with AVX512-BF16 or AMX, about 2x faster than fp32), fp32 elsewhere: other
     CPUs emulate bf16, 12x slower than fp32 for a ResNet-18 step on an AVX2-only EPYC."""
     compile: bool = False
     """torch.compile the model."""
-    sync_bn: bool = False
-    """SyncBatchNorm under DDP."""
+    sync_bn: bool = True
+    """SyncBatchNorm under DDP on GPUs: BatchNorm statistics over the global batch, as in the
+    official code. torch has no CPU SyncBatchNorm: CPU processes normalise over their own share."""
     tensorboard: bool = False
     """Also log to TensorBoard (needs the tensorboard package)."""
     max_steps: int = 0
-    """Stop after this many steps in all (0: no limit); for smoke tests."""
+    """Stop after this many steps in all (0: no limit), with a checkpoint; for smoke tests."""
+
+
+# Settings that do not change what is trained: a run may resume with other values of these.
+RUN_ONLY = ("num_workers", "out_dir", "resume", "checkpoint_every_min", "device", "compile",
+            "tensorboard", "max_steps")
+
+
+def validate(args: Args) -> None:
+    """Every setting checked before anything slow: one line naming the flag and what it takes."""
+    rules = [  # (flag, value, allowed?, what is allowed)
+        ("--num-classes", args.num_classes, args.num_classes >= 1, "an integer >= 1"),
+        ("--train-subset", args.train_subset, args.train_subset >= 0, ">= 0 (0: all images)"),
+        ("--num-workers", args.num_workers, args.num_workers >= 1, "an integer >= 1"),
+        ("--arch", args.arch, args.arch in RESNETS, "one of " + ", ".join(RESNETS)),
+        ("--projector-dims", args.projector_dims,
+         len(args.projector_dims) >= 1 and min(args.projector_dims, default=0) >= 1,
+         "one or more widths >= 1"),
+        ("--epochs", args.epochs, args.epochs >= 1, "an integer >= 1"),
+        ("--batch-size", args.batch_size, args.batch_size >= 2,
+         "an integer >= 2 (BatchNorm and the loss compare images within the batch)"),
+        ("--base-lr", args.base_lr, args.base_lr > 0, "> 0"),
+        ("--weight-decay", args.weight_decay, args.weight_decay >= 0, ">= 0"),
+        ("--momentum", args.momentum, 0 <= args.momentum < 1, "in [0, 1)"),
+        ("--lars-eta", args.lars_eta, args.lars_eta > 0, "> 0"),
+        ("--warmup-epochs", args.warmup_epochs, 0 <= args.warmup_epochs <= args.epochs,
+         "in [0, --epochs]"),
+        ("--probe-lr", args.probe_lr, args.probe_lr > 0, "> 0"),
+        ("--out-dir", args.out_dir, bool(args.out_dir.strip()), "a folder name"),
+        ("--checkpoint-every-min", args.checkpoint_every_min, args.checkpoint_every_min >= 0,
+         ">= 0 (0: at the end of each epoch only)"),
+        ("--seed", args.seed, 0 <= args.seed < 2**32, "an integer in [0, 2^32)"),
+        ("--max-steps", args.max_steps, args.max_steps >= 0, ">= 0 (0: no limit)"),
+        # ALGO LOGIC: the method's own settings
+        ("--temperature", args.temperature, args.temperature >= 1e-4,
+         ">= 0.0001 (0.1 to 0.5 is usual)"),
+        ("--num-negatives", args.num_negatives, args.num_negatives >= 1,
+         "an integer >= 1 (negative patches per image)"),
+        ("--resolution", args.resolution, 1 <= args.resolution <= 4096, "an integer in 1..4096"),
+        ("--patch-scale", args.patch_scale, 0 < args.patch_scale[0] <= args.patch_scale[1] <= 1,
+         "two fractions 0 < min <= max <= 1"),
+        ("--patch-ratio", args.patch_ratio, 0 < args.patch_ratio[0] <= args.patch_ratio[1],
+         "two ratios 0 < min <= max"),
+        ("--noise-std", args.noise_std, args.noise_std >= 0, ">= 0 (in [0, 1] image units)"),
+    ]
+    for flag, value, allowed, what in rules:
+        numbers = value if isinstance(value, tuple) else (value,)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+            allowed = False  # nan and inf pass some comparisons above
+        if not allowed:
+            raise ValueError(f"{flag} {value}: must be {what}")
+    for path in (*args.train_beton, args.val_beton):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no such .beton file; write it with "
+                                    f"`python write_beton.py` (see README)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -149,6 +225,13 @@ def make_backbone(arch: str, small_stem: bool) -> tuple[nn.Module, int]:
     return net, width
 
 
+def stem_spec(net: nn.Module) -> dict:
+    """How the backbone's stem was built, for backbone.json: probe.py rebuilds it from this."""
+    c = net.conv1
+    return {"conv1": {"kernel_size": c.kernel_size[0], "stride": c.stride[0],
+                      "padding": c.padding[0]}, "maxpool": isinstance(net.maxpool, nn.MaxPool2d)}
+
+
 def mlp(dims: tuple[int, ...]) -> nn.Sequential:
     layers = []
     for i in range(len(dims) - 2):
@@ -156,6 +239,13 @@ def mlp(dims: tuple[int, ...]) -> nn.Sequential:
                    nn.ReLU(inplace=True)]
     layers.append(nn.Linear(dims[-2], dims[-1]))
     return nn.Sequential(*layers)
+
+
+def probe_loss_of(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over the labelled images of the batch (label -1: unlabelled, skipped); 0
+    when there are none. No data-dependent branch: no CPU-GPU sync."""
+    total = F.cross_entropy(logits, y, ignore_index=-1, reduction="sum")
+    return total / (y >= 0).sum().clamp(min=1)
 
 
 class InstanceSimCLR(nn.Module):
@@ -175,9 +265,9 @@ class InstanceSimCLR(nn.Module):
         zn = self.projector(hn).float().view(len(negatives), len(x1), -1).transpose(0, 1)
         # The loss in fp32: under bf16 autocast its matmuls and sums would run in bf16.
         with torch.autocast(x1.device.type, enabled=False):
-            loss = instance_nt_xent_loss(z1, z2, zn, self.temperature, self.in_batch)
+            loss = instance_nt_xent_loss(z1, z2, zn, self.temperature, self.in_batch)  # ALGO LOGIC
         # The probe sees features but sends no gradient into the backbone.
-        probe_loss = F.cross_entropy(self.probe(h1.detach()), y)
+        probe_loss = probe_loss_of(self.probe(h1.detach()), y)
         return loss, probe_loss, {}  # {}: no separate loss terms to log
 
 
@@ -277,11 +367,17 @@ def learning_rate(step: int, total_steps: int, warmup_steps: int, peak: float) -
     return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def set_learning_rates(args: Args, optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+
+
 # ----------------------------------------------------------------------------------------------
-# Evaluation, checkpoints, logging
+# Evaluation and logging
 # ----------------------------------------------------------------------------------------------
 @torch.no_grad()
-def probe_accuracy(model: InstanceSimCLR, loader, device, bf16: bool) -> float:
+def probe_accuracy(model: nn.Module, loader, device, bf16: bool) -> float:
+    """Top-1 of the online probe on the validation set; under DDP over every process's share."""
     model.eval()
     correct = torch.zeros(2, device=device)  # (correct, seen)
     for x, y in loader:
@@ -294,11 +390,13 @@ def probe_accuracy(model: InstanceSimCLR, loader, device, bf16: bool) -> float:
     return (correct[0] / correct[1]).item()
 
 
-def save_atomic(obj, path: str) -> None:
-    """torch.save to a temporary name, then rename: a crash never leaves a half-written file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def global_mean(values: torch.Tensor) -> torch.Tensor:
+    """The mean over DDP processes (the logged numbers are the whole batch's, not rank 0's)."""
+    if dist.is_initialized():
+        values = values.clone()
+        dist.all_reduce(values)
+        values /= dist.get_world_size()
+    return values
 
 
 def plot_curves(log_path: str, png_path: str) -> None:
@@ -311,7 +409,7 @@ def plot_curves(log_path: str, png_path: str) -> None:
     epochs = [r for r in rows if "probe_acc" in r]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     axes[0].plot([r["epoch"] for r in epochs], [r["loss"] for r in epochs], marker="o")
-    axes[0].set(xlabel="epoch", ylabel="instance InfoNCE loss")
+    axes[0].set(xlabel="epoch", ylabel=f"{METHOD} loss")
     axes[1].plot([r["epoch"] for r in epochs], [100 * r["probe_acc"] for r in epochs], marker="o")
     axes[1].set(xlabel="epoch", ylabel="online linear probe top-1 (%)")
     fig.tight_layout()
@@ -333,40 +431,169 @@ def bf16_is_fast(device: torch.device) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------
-# Training
+# Infrastructure: processes, provenance, checkpoints, pre-emption. Identical in every method file.
 # ----------------------------------------------------------------------------------------------
-def main(args: Args) -> dict:
-    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # started by torchrun
-    if distributed:
+def setup_processes(args: Args) -> tuple[torch.device, int, int]:
+    """(device, rank, world). Under torchrun (RANK and WORLD_SIZE set): one process per GPU with
+    NCCL, or CPU processes with gloo; otherwise one process."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         use_cuda = torch.cuda.is_available() and args.device != "cpu"
         dist.init_process_group("nccl" if use_cuda else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
         if use_cuda:
             torch.cuda.set_device(device)
-    else:
-        rank, world = 0, 1
-        use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-        device = torch.device("cuda" if use_cuda else "cpu")
-    main_process = rank == 0
-    if args.batch_size % world:
-        raise ValueError(f"--batch-size {args.batch_size} must divide over {world} processes")
-    if args.num_negatives < 1:
-        raise ValueError(f"--num-negatives {args.num_negatives}: at least 1 negative patch needed")
+        return device, dist.get_rank(), dist.get_world_size()
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    return torch.device("cuda" if use_cuda else "cpu"), 0, 1
+
+
+def save_provenance(args: Args, resolved: dict) -> None:
+    """args.json (the resolved arguments, the command, the git commit) and a copy of the code
+    that ran, in out_dir/code/."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True,
+                                text=True, timeout=10).stdout.strip() or None
+        dirty = bool(subprocess.run(["git", "-C", here, "status", "--porcelain", "--",
+                                     "*.py"], capture_output=True, text=True,
+                                    timeout=10).stdout.strip()) if commit else None
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = None, None
+    info = {**asdict(args), "resolved": resolved, "command": sys.argv,
+            "git_commit": commit, "git_uncommitted_changes": dirty,
+            "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__}}
+    with open(os.path.join(args.out_dir, "args.json.tmp"), "w") as f:
+        json.dump(info, f, indent=1)
+    os.replace(os.path.join(args.out_dir, "args.json.tmp"), os.path.join(args.out_dir, "args.json"))
+    os.makedirs(os.path.join(args.out_dir, "code"), exist_ok=True)
+    for name in (os.path.basename(__file__), "ffcv_ssl_common.py"):
+        shutil.copyfile(os.path.join(here, name), os.path.join(args.out_dir, "code", name))
+
+
+def save_atomic(obj, path: str) -> None:
+    """torch.save to a temporary name, then rename: a crash never leaves a half-written file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def flat_settings(settings: dict, prefix: str = "") -> dict:
+    """{"view1.resolution": 32, ...}, tuples as lists: saved and current settings compare."""
+    out = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            out.update(flat_settings(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = json.loads(json.dumps(value))
+    return out
+
+
+CHECKPOINT_KEYS = {"model", "optimizer", "probe_optimizer", "epoch", "batch", "step", "sums",
+                   "rng", "args", "log_bytes"}
+
+
+def load_checkpoint(path: str, args: Args) -> dict:
+    """The checkpoint, if it is one of this file's and from a run with the same settings; else
+    one line saying why and what to do. map_location="cpu": the RNG state must stay a CPU
+    tensor, and load_state_dict moves everything else to the model's device."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated, corrupt, or a pickle that is not plain tensors
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise ValueError(f"{path} cannot be loaded as a checkpoint ({reason}); delete it, or "
+                         f"pass --no-resume to start over") from None
+    if not isinstance(ckpt, dict) or not CHECKPOINT_KEYS <= set(ckpt):
+        raise ValueError(f"{path} is not a checkpoint of {os.path.basename(__file__)}; delete "
+                         f"it, or pass --no-resume to start over")
+    saved, now = flat_settings(ckpt["args"]), flat_settings(asdict(args))
+    changed = [k for k in now if k.split(".")[0] not in RUN_ONLY and saved.get(k) != now[k]]
+    if changed:
+        diffs = ", ".join(f"--{k.replace('_', '-')} {now[k]} (checkpoint: {saved.get(k)})"
+                          for k in changed)
+        raise ValueError(f"{path} is from a run with other settings: {diffs}; resume with the "
+                         f"checkpoint's settings, use another --out-dir, or pass --no-resume "
+                         f"to discard it")
+    return ckpt
+
+
+def start_fresh(out_dir: str) -> None:
+    """A new run in out_dir: the previous run's checkpoint, log and exports go."""
+    for name in ("checkpoint.pt", "log.jsonl", "backbone.pt", "backbone.json", "curves.png"):
+        if os.path.exists(os.path.join(out_dir, name)):
+            os.remove(os.path.join(out_dir, name))
+
+
+def catch_preemption() -> dict:
+    """SIGTERM and SIGUSR1 (what SLURM and other schedulers send before they kill a job) only
+    set a flag: the training loop saves a checkpoint after the current step and stops."""
+    caught = {}
+    for signum in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(signum, lambda s, frame: caught.setdefault("signal", s))
+    return caught
+
+
+def stop_requested(caught: dict, device: torch.device) -> bool:
+    """Whether any process caught a signal: under DDP every process stops at the same step."""
+    if not dist.is_initialized():
+        return "signal" in caught
+    flag = torch.tensor(["signal" in caught], dtype=torch.float32, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # a small sync point, once per step
+    return flag.item() > 0
+
+
+def check_replicas(model: nn.Module) -> int:
+    """Under DDP every process must hold the same weights: a desync is an error, not noise.
+    Returns how many processes agreed."""
+    digest = hashlib.sha256()
+    for p in model.parameters():
+        digest.update(p.detach().cpu().numpy().tobytes())
+    digests = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, digest.hexdigest())
+    if len(set(digests)) > 1:
+        raise RuntimeError(f"DDP processes hold different weights: {digests}")
+    return len(digests)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+def main(args: Args) -> dict:
+    validate(args)
+    device, rank, world = setup_processes(args)
+    main_process, distributed = rank == 0, world > 1 or dist.is_initialized()
+    local_batch = args.batch_size // world
+    if args.batch_size % world or local_batch < 2:
+        raise ValueError(f"--batch-size {args.batch_size} must split into {world} equal shares "
+                         f"of at least 2 images")
+    if args.train_subset and args.train_subset // world < local_batch:
+        raise ValueError(f"--train-subset {args.train_subset} is smaller than one batch "
+                         f"({local_batch} images per process); raise it or lower --batch-size")
+    for path in args.train_beton:
+        check_labels(path, args.num_classes, unlabelled_ok=True)
+    check_labels(args.val_beton, args.num_classes, unlabelled_ok=False)
     torch.manual_seed(args.seed)
     bf16 = args.precision == "bf16" or (args.precision == "auto" and bf16_is_fast(device))
     small_stem = args.stem == "small" or (args.stem == "auto" and args.resolution <= 64)
+    ckpt_path = os.path.join(args.out_dir, "checkpoint.pt")
+    log_path = os.path.join(args.out_dir, "log.jsonl")
+    resuming = args.resume and os.path.exists(ckpt_path)
+    ckpt = load_checkpoint(ckpt_path, args) if resuming else None  # before anything slow
+    sync_bn = distributed and args.sync_bn and device.type == "cuda"
+    resolved = {"device": str(device), "world": world, "bf16": bf16, "small_stem": small_stem,
+                "sync_bn": sync_bn}
     if main_process:
         os.makedirs(args.out_dir, exist_ok=True)
+        if not resuming:
+            start_fresh(args.out_dir)
         print("python " + " ".join(sys.argv))
-        resolved = {"device": str(device), "world": world, "bf16": bf16, "small_stem": small_stem}
         print(json.dumps({**asdict(args), "resolved": resolved}, indent=1))
-        with open(os.path.join(args.out_dir, "args.json"), "w") as f:
-            json.dump(asdict(args), f, indent=1)
+        save_provenance(args, resolved)
+        if distributed and args.sync_bn and not sync_bn:
+            print("note: SyncBatchNorm needs GPUs (torch has no CPU kernel for it): each CPU "
+                  "process normalises over its own share of the batch")
 
     # Data
-    local_batch = args.batch_size // world
     indices = subset_indices(args.train_beton, args.train_subset, args.seed)
     patch = patch_view(args)
     # Two copies of one crop (A), then K negative patches of the same image, each with own noise.
@@ -379,7 +606,7 @@ def main(args: Args) -> dict:
 
     # Model and optimisers
     model = InstanceSimCLR(args, small_stem).to(device, memory_format=torch.channels_last)
-    if distributed and args.sync_bn:
+    if sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     ssl_params = nn.ModuleList([model.backbone, model.projector])
     peak_lr = args.base_lr * args.batch_size / 256
@@ -389,28 +616,23 @@ def main(args: Args) -> dict:
     total_steps = args.epochs * steps_per_epoch
     warmup_steps = int(args.warmup_epochs * steps_per_epoch)
 
-    start_epoch, step = 0, 0
-    ckpt_path = os.path.join(args.out_dir, "checkpoint.pt")
-    if args.resume and os.path.exists(ckpt_path):
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
-        for key in ("arch", "stem", "projector_dims", "optimizer", "num_classes"):
-            if str(ckpt["args"][key]) != str(getattr(args, key)):
-                raise ValueError(f"{ckpt_path} was trained with --{key.replace('_', '-')} "
-                                 f"{ckpt['args'][key]}, not {getattr(args, key)}; resume with the "
-                                 f"same or pass --no-resume to start over")
+    # Where to start: a checkpoint may be mid-epoch (its `batch` batches of that epoch are done).
+    epoch, batch, step, sums = 0, 0, 0, None
+    if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         probe_optimizer.load_state_dict(ckpt["probe_optimizer"])
-        start_epoch, step = ckpt["epoch"], ckpt["step"]
+        epoch, batch, step, sums = ckpt["epoch"], ckpt["batch"], ckpt["step"], ckpt["sums"]
         torch.set_rng_state(ckpt["rng"])
         if main_process:
-            print(f"resumed from {ckpt_path} at epoch {start_epoch}")
-    train_loader.next_epoch = start_epoch  # the batches the run would have seen
+            with open(log_path, "a") as f:  # forget what was logged after the checkpoint
+                f.truncate(ckpt["log_bytes"])
+            print(f"resumed from {ckpt_path} at epoch {epoch}, batch {batch} (step {step})")
 
     net = model
     if distributed:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if use_cuda
-                                                  else None)
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if
+                                                  device.type == "cuda" else None)
     if args.compile:
         net = torch.compile(net)
     writer = None
@@ -421,16 +643,29 @@ def main(args: Args) -> dict:
             raise ValueError("--tensorboard needs the tensorboard package: pip install "
                              "tensorboard") from err
         writer = SummaryWriter(args.out_dir)
-    log_path = os.path.join(args.out_dir, "log.jsonl")
-    result = {}
-    for epoch in range(start_epoch, args.epochs):
-        net.train()
-        losses, start = [], time.time()
-        bar = tqdm(train_loader, desc=f"epoch {epoch}", disable=not main_process, leave=False)
+
+    def save(epoch: int, batch: int) -> None:
+        if main_process:
+            save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "probe_optimizer": probe_optimizer.state_dict(), "epoch": epoch,
+                         "batch": batch, "step": step, "sums": sums, "rng": torch.get_rng_state(),
+                         "args": asdict(args), "log_bytes": os.path.getsize(log_path)
+                         if os.path.exists(log_path) else 0}, ckpt_path)
+
+    def log(record: dict) -> None:
+        if main_process:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    caught, saved_at, stop, result = catch_preemption(), time.time(), False, {}
+    while epoch < args.epochs and not stop:
+        train_loader.next_epoch, train_loader.skip_batches = epoch, batch  # this epoch's order
+        bar = tqdm(train_loader, desc=f"epoch {epoch}", total=steps_per_epoch, initial=batch,
+                   disable=not main_process, leave=False)
+        start, first_batch = time.time(), batch
         for x1, x2, *negatives, y in bar:
             lr = learning_rate(step, total_steps, warmup_steps, peak_lr)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
+            set_learning_rates(args, optimizer, lr)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 loss, probe_loss, terms = net(x1, x2, negatives, y)
             optimizer.zero_grad(set_to_none=True)
@@ -438,57 +673,66 @@ def main(args: Args) -> dict:
             (loss + probe_loss).backward()
             optimizer.step()
             probe_optimizer.step()
-            losses.append(torch.stack([loss.detach(), *[t.detach() for t in terms.values()]]))
-            step += 1
+            values = torch.stack([loss.detach(), *[t.detach() for t in terms.values()]]).float()
+            sums = values if sums is None or batch == 0 else sums + values  # this epoch's
+            batch, step = batch + 1, step + 1
             if step % 20 == 0:
-                value = loss.item()  # a CPU-GPU sync point: only every 20 steps
+                value = global_mean(loss.detach()).item()  # a CPU-GPU sync point: every 20 steps
                 if not math.isfinite(value):
                     raise FloatingPointError(
                         f"loss is {value} at step {step}; lower --base-lr or raise --temperature "
                         f"(the last good checkpoint, if any, is kept in {ckpt_path})")
                 bar.set_postfix(loss=f"{value:.3f}", lr=f"{lr:.3g}")
-                if main_process:
-                    with open(log_path, "a") as f:
-                        f.write(json.dumps({"step": step, "loss": value, "lr": lr}) + "\n")
-            if args.max_steps and step >= args.max_steps:
+                log({"step": step, "loss": value, "lr": lr})
+            stop = bool(args.max_steps and step >= args.max_steps) or stop_requested(caught, device)
+            due = args.checkpoint_every_min and time.time() - saved_at >= 60 * args.checkpoint_every_min
+            if (stop or due) and batch < steps_per_epoch:  # the epoch's end saves its own
+                save(epoch, batch)
+                saved_at = time.time()
+            if stop:
                 break
-        means = torch.stack(losses).mean(0).tolist()  # loss, then each term
+        if batch < steps_per_epoch:
+            break  # stopped mid-epoch, checkpoint saved
+        means = (global_mean(sums) / steps_per_epoch).tolist()  # loss, then each term
         epoch_loss, term_means = means[0], dict(zip(terms, means[1:]))
         if not math.isfinite(epoch_loss):
             raise FloatingPointError(f"loss is {epoch_loss} in epoch {epoch}; lower --base-lr "
                                      f"(the last good checkpoint is kept in {ckpt_path})")
-        images_per_s = len(losses) * args.batch_size / (time.time() - start)
+        images_per_s = (batch - first_batch) * args.batch_size / (time.time() - start)
         acc = probe_accuracy(model, val_loader, device, bf16)
-        result = {"epoch": epoch + 1, "step": step, "loss": epoch_loss, **term_means, "lr": lr,
-                  "images_per_s": images_per_s, "probe_acc": acc}
+        replicas = check_replicas(model) if distributed else 1
+        epoch, batch = epoch + 1, 0
+        result = {"epoch": epoch, "step": step, "loss": epoch_loss, **term_means, "lr": lr,
+                  "images_per_s": images_per_s, "probe_acc": acc, "replicas_equal": replicas}
         if main_process:
-            print(f"epoch {epoch + 1}/{args.epochs} | loss {epoch_loss:.4f} | lr {lr:.4g} | "
+            print(f"epoch {epoch}/{args.epochs} | loss {epoch_loss:.4f} | lr {lr:.4g} | "
                   f"{images_per_s:.0f} img/s | online probe top-1 {100 * acc:.2f}%", flush=True)
-            with open(log_path, "a") as f:
-                f.write(json.dumps(result) + "\n")
+            log(result)
             if writer:
                 for key, value in result.items():
                     writer.add_scalar(key, value, step)
-            save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "probe_optimizer": probe_optimizer.state_dict(), "epoch": epoch + 1,
-                         "step": step, "rng": torch.get_rng_state(), "args": asdict(args)},
-                        ckpt_path)
-        if args.max_steps and step >= args.max_steps:
-            break
+        save(epoch, batch)
+        saved_at = time.time()
 
-    if main_process:
-        # The backbone alone: torchvision's model with fc = Identity() (and the small stem)
-        # takes it with load_state_dict(strict=True); backbone.json says how to build it.
+    if main_process and "signal" in caught:
+        print(f"caught signal {caught['signal']} at step {step}: checkpoint saved in {ckpt_path}; "
+              f"run the same command to resume", flush=True)
+    elif main_process:  # finished, or stopped by --max-steps
+        # The backbone alone: torchvision's model with fc = Identity() and the stem described in
+        # backbone.json takes it with load_state_dict(strict=True).
         save_atomic(model.backbone.state_dict(), os.path.join(args.out_dir, "backbone.pt"))
         with open(os.path.join(args.out_dir, "backbone.json"), "w") as f:
-            json.dump({"arch": args.arch, "small_stem": small_stem,
-                       "resolution": args.resolution, "method": "instance_simclr"}, f)
+            json.dump({"arch": args.arch, "stem": stem_spec(model.backbone),
+                       "resolution": args.resolution, "method": METHOD}, f)
+    if main_process:
         if os.path.exists(log_path):
             plot_curves(log_path, os.path.join(args.out_dir, "curves.png"))
         if writer:
             writer.close()
     if distributed:
         dist.destroy_process_group()
+    if "signal" in caught:
+        raise SystemExit(128 + caught["signal"])
     return result
 
 

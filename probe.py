@@ -12,6 +12,7 @@ the backbone runs every epoch). Prints top-1 / top-5 and saves them to probe_<na
 
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -24,7 +25,8 @@ import torch.nn.functional as F
 import torchvision
 import tyro
 
-from ffcv_ssl_common import ViewConfig, make_eval_loader, make_ssl_loader, subset_indices
+from ffcv_ssl_common import (ViewConfig, check_labels, make_eval_loader, make_ssl_loader,
+                             subset_indices)
 
 
 @dataclass
@@ -70,16 +72,58 @@ class Args:
     """Results JSON; default: probe_<backbone name or random_init>.json beside the backbone."""
 
 
+def validate(args: Args) -> None:
+    """One line naming the flag and what it takes, before anything slow."""
+    rules = [
+        ("--num-classes", args.num_classes, args.num_classes >= 1, "an integer >= 1"),
+        ("--resolution", args.resolution, 0 <= args.resolution <= 4096,
+         "0 (from backbone.json) or a side in pixels up to 4096"),
+        ("--heads", args.heads, len(args.heads) >= 1, "one or more of linear, mlp, knn"),
+        ("--mlp-dims", args.mlp_dims, min(args.mlp_dims, default=1) >= 1, "widths >= 1"),
+        ("--epochs", args.epochs, args.epochs >= 1, "an integer >= 1"),
+        ("--lr", args.lr, args.lr > 0, "> 0"),
+        ("--weight-decay", args.weight_decay, args.weight_decay >= 0, ">= 0"),
+        ("--batch-size", args.batch_size, args.batch_size >= 2,
+         "an integer >= 2 (the heads' BatchNorm needs two images)"),
+        ("--knn-k", args.knn_k, args.knn_k >= 1, "an integer >= 1"),
+        ("--knn-temperature", args.knn_temperature, args.knn_temperature > 0, "> 0"),
+        ("--train-subset", args.train_subset, args.train_subset >= 0, ">= 0 (0: all images)"),
+        ("--num-workers", args.num_workers, args.num_workers >= 1, "an integer >= 1"),
+        ("--seed", args.seed, 0 <= args.seed < 2**32, "an integer in [0, 2^32)"),
+    ]
+    for flag, value, allowed, what in rules:
+        if isinstance(value, float) and not math.isfinite(value):
+            allowed = False
+        if not allowed:
+            raise ValueError(f"{flag} {value}: must be {what}")
+    for path in (args.train_beton, args.val_beton):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no such .beton file; write it with "
+                                    f"`python write_beton.py` (see README)")
+
+
+# The CIFAR-style stem (3x3 conv, stride 1, no max-pool), for a plain state dict without
+# backbone.json; a method file's backbone.json describes its stem itself.
+SMALL_STEM = {"conv1": {"kernel_size": 3, "stride": 1, "padding": 1}, "maxpool": False}
+
+
 def build_backbone(args: Args) -> tuple[nn.Module, dict]:
     meta_path = os.path.join(os.path.dirname(args.backbone), "backbone.json")
     meta = {}
     if os.path.exists(meta_path):
-        with open(meta_path) as f:
-            meta = json.load(f)
+        try:
+            with open(meta_path) as f:
+                meta = json.load(f)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{meta_path} is not readable JSON ({err}); delete it and give "
+                             f"--arch and --stem") from None
     arch = args.arch or meta.get("arch")
     if arch is None:
         raise ValueError(f"no {meta_path}: give --arch (and --stem) for a plain state dict")
-    small = meta.get("small_stem", False) if args.stem == "from-json" else args.stem == "small"
+    if args.stem == "from-json":
+        stem = meta.get("stem") or (SMALL_STEM if meta.get("small_stem") else None)
+    else:
+        stem = SMALL_STEM if args.stem == "small" else None
     names = [n for n in torchvision.models.list_models(module=torchvision.models)
              if n.startswith(("resnet", "resnext", "wide_resnet"))]
     if arch not in names:
@@ -87,20 +131,30 @@ def build_backbone(args: Args) -> tuple[nn.Module, dict]:
     torch.manual_seed(args.seed)
     net = torchvision.models.get_model(arch, weights=None)
     net.fc = nn.Identity()
-    if small:
-        net.conv1 = nn.Conv2d(3, net.conv1.out_channels, 3, 1, 1, bias=False)
+    if stem and stem.get("conv1"):
+        net.conv1 = nn.Conv2d(3, net.conv1.out_channels, bias=False, **stem["conv1"])
+    if stem and not stem.get("maxpool", True):
         net.maxpool = nn.Identity()
+    small = net.conv1.stride == (1, 1)
     if not args.random_init:
         if not os.path.isfile(args.backbone):
             raise FileNotFoundError(f"{args.backbone}: no such backbone; train one first "
                                     f"(python simclr.py) or pass --random-init")
         try:
             state = torch.load(args.backbone, map_location="cpu", weights_only=True)
+        except Exception as err:  # truncated, corrupt, or a pickle of more than tensors
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            raise ValueError(f"{args.backbone} cannot be loaded as a state dict ({reason}); "
+                             f"give a backbone.pt exported by a method file or a plain "
+                             f"torchvision state dict") from None
+        if not isinstance(state, dict):
+            raise ValueError(f"{args.backbone} holds a {type(state).__name__}, not a state dict")
+        try:
             net.load_state_dict(state, strict=True)
-        except (RuntimeError, KeyError, EOFError) as err:
+        except (RuntimeError, KeyError, TypeError) as err:
             first = str(err).strip().splitlines()[0]
             raise ValueError(f"{args.backbone} does not fit {arch} (small stem: {small}): "
-                             f"{first}; check --arch/--stem") from err
+                             f"{first}; check --arch/--stem") from None
     resolution = args.resolution or meta.get("resolution", 32)
     return net, {"arch": arch, "small_stem": small, "resolution": resolution}
 
@@ -154,7 +208,10 @@ def make_head(kind: str, width: int, args: Args) -> nn.Module:
 
 
 def topk(logits: torch.Tensor, y: torch.Tensor) -> dict:
-    top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    """Top-1, and top-5 where there are more than 5 classes (with 5 or fewer it is always 1)."""
+    if logits.shape[1] <= 5:
+        return {"top1": (logits.argmax(1) == y).float().mean().item()}
+    top5 = logits.topk(5, dim=1).indices
     return {"top1": (top5[:, 0] == y).float().mean().item(),
             "top5": (top5 == y[:, None]).any(1).float().mean().item()}
 
@@ -204,6 +261,9 @@ def bf16_is_fast(device: torch.device) -> bool:
 
 
 def main(args: Args) -> dict:
+    validate(args)
+    check_labels(args.train_beton, args.num_classes, unlabelled_ok=True)
+    check_labels(args.val_beton, args.num_classes, unlabelled_ok=False)
     device = torch.device("cuda" if args.device == "cuda" or (
         args.device == "auto" and torch.cuda.is_available()) else "cpu")
     net, info = build_backbone(args)
@@ -213,6 +273,12 @@ def main(args: Args) -> dict:
     feats = cached_features(args, net, info, device, bf16)
     train_x, train_y = feats["train"]
     val_x, val_y = feats["val"]
+    labelled = train_y >= 0  # label -1: unlabelled (STL-10's unlabeled split), no use to a head
+    if not labelled.all():
+        print(f"{int((~labelled).sum())} unlabelled training images (label -1) left out")
+        if not labelled.any():
+            raise ValueError(f"{args.train_beton} has no labelled images to fit the heads on")
+        train_x, train_y = train_x[labelled], train_y[labelled]
     width = train_x.shape[1]
     results = {"backbone": "random init" if args.random_init else args.backbone, **info,
                "bf16": bf16, "train_images": len(train_y), "val_images": len(val_y),
@@ -222,13 +288,16 @@ def main(args: Args) -> dict:
     def cached_batches():
         order = torch.randperm(len(train_y), generator=generator)
         for idx in order.split(args.batch_size):
-            yield train_x[idx], train_y[idx]
+            if len(idx) >= 2:  # a last batch of one would break the heads' BatchNorm
+                yield train_x[idx], train_y[idx]
 
     def augmented_batches():
         for x, y in aug_loader:
             with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 h = net(x).float()
-            yield h.cpu(), y.cpu()
+            keep = y >= 0  # labelled images only
+            if keep.sum() >= 2:  # the heads' BatchNorm needs two
+                yield h[keep].cpu(), y[keep].cpu()
 
     if args.augment:
         view = ViewConfig(resolution=info["resolution"], jitter_p=0, grayscale_p=0)
@@ -245,8 +314,9 @@ def main(args: Args) -> dict:
                                  args.num_classes)
         else:
             results[kind] = train_head(kind, args, width, batches, val_x, val_y, steps)
-        print(f"{kind:>6} probe: top-1 {100 * results[kind]['top1']:.2f}%  "
-              f"top-5 {100 * results[kind]['top5']:.2f}%", flush=True)
+        top5 = (f"  top-5 {100 * results[kind]['top5']:.2f}%" if "top5" in results[kind]
+                else "")
+        print(f"{kind:>6} probe: top-1 {100 * results[kind]['top1']:.2f}%{top5}", flush=True)
     results["seconds"] = time.time() - start
     out = args.out or os.path.join(os.path.dirname(args.backbone) or ".", "probe_" + (
         "random_init" if args.random_init else os.path.splitext(os.path.basename(args.backbone))[0])

@@ -158,7 +158,7 @@ class ImageFolderDataset:
     file, appended, so worker processes can share it) and replaced by a black pixel: ffcv's writer
     waits forever for a worker that died, so we must not raise inside one."""
 
-    def __init__(self, root: str, error_log: str):
+    def __init__(self, root: str, error_log: str, classes: list[str] | None = None):
         from torchvision.datasets import ImageFolder
 
         if not os.path.isdir(root):
@@ -169,6 +169,16 @@ class ImageFolderDataset:
         except (FileNotFoundError, RuntimeError) as err:
             raise SystemExit(f"error: no images in {root} ({err})") from err
         self.error_log = error_log
+        self.classes = self.folder.classes
+        if classes is not None:  # val/: the training split's labels, whatever val/ lacks
+            unknown = sorted(set(self.classes) - set(classes))
+            if unknown:
+                raise SystemExit(f"error: {root} has class folder(s) {', '.join(unknown[:5])} that "
+                                 f"the training split lacks; remove them or add them to train/")
+            index = {name: k for k, name in enumerate(classes)}
+            self.folder.samples = [(path, index[self.classes[label]])
+                                   for path, label in self.folder.samples]
+            self.classes = classes
 
     def __len__(self):
         return len(self.folder)
@@ -187,8 +197,11 @@ class ImageFolderDataset:
 def imagefolder(data_dir: str | None, error_log: str) -> dict:
     if data_dir is None:
         raise SystemExit("error: --dataset imagefolder needs --data-dir (a root with train/ and val/)")
-    return {split: ImageFolderDataset(os.path.join(data_dir, split), error_log)
-            for split in ("train", "val")}
+    train = ImageFolderDataset(os.path.join(data_dir, "train"), error_log)
+    # val/ takes train/'s class indices: numbered on its own, a class missing from val/ would
+    # shift every later label.
+    return {"train": train,
+            "val": ImageFolderDataset(os.path.join(data_dir, "val"), error_log, train.classes)}
 
 
 # ---- Writing ----
@@ -229,13 +242,29 @@ def write_split(dataset, path: str, args: Args, error_log: str) -> None:
     print(f"wrote {path}: {len(indices)} images, {size:.1f} MiB, {time.time() - start:.1f} s")
 
 
+def validate(args: Args) -> None:
+    """One line naming the flag and what it takes, before anything is read or written."""
+    rules = [
+        ("--jpeg-quality", args.jpeg_quality, 1 <= args.jpeg_quality <= 100, "in 1..100"),
+        ("--compress-probability", args.compress_probability,
+         0.0 <= args.compress_probability <= 1.0, "a probability in [0, 1]"),
+        ("--max-resolution", args.max_resolution,
+         args.max_resolution is None or args.max_resolution >= 8, ">= 8 pixels"),
+        ("--smart-threshold", args.smart_threshold, args.smart_threshold >= 0, ">= 0 bytes"),
+        ("--num-workers", args.num_workers, args.num_workers >= 1, "an integer >= 1"),
+        ("--subset", args.subset, args.subset >= 0, ">= 0 (0 keeps all)"),
+        ("--seed", args.seed, 0 <= args.seed < 2**32, "an integer in [0, 2^32)"),
+        ("--name", args.name, args.name is None or (args.name.strip() != "" and "/" not in
+                                                      args.name), "a file name prefix without /"),
+        ("--out-dir", args.out_dir, args.out_dir.strip() != "", "a folder"),
+    ]
+    for flag, value, allowed, what in rules:
+        if not allowed:
+            raise SystemExit(f"error: {flag} {value}: must be {what}")
+
+
 def main(args: Args) -> list[str]:
-    if not 1 <= args.jpeg_quality <= 100:
-        raise SystemExit(f"error: --jpeg-quality must be in 1..100, got {args.jpeg_quality}")
-    if not 0.0 <= args.compress_probability <= 1.0:
-        raise SystemExit("error: --compress-probability must be in [0, 1]")
-    if args.max_resolution is not None and args.max_resolution < 8:
-        raise SystemExit(f"error: --max-resolution {args.max_resolution} is too small (>= 8)")
+    validate(args)
     name = args.name or args.dataset
     os.makedirs(args.out_dir, exist_ok=True)
     error_log = os.path.join(args.out_dir, f".{name}.errors.{os.getpid()}")

@@ -88,35 +88,74 @@ def make_image_folder(root, per_class=6, corrupt=None, seed=0):
     return root
 
 
+@pytest.fixture(scope="session")
+def unlabelled_beton(tmp_path_factory):
+    """192 images with label -1 (as STL-10's unlabeled split), written with ffcv directly."""
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+
+    images, _ = label_images(192, seed=2)
+    data = [(np.repeat(im[:, :, None], 3, axis=2), -1) for im in images]
+    path = str(tmp_path_factory.mktemp("unlabelled") / "unlabelled.beton")
+    DatasetWriter(path, {"image": RGBImageField(), "label": IntField()},
+                  num_workers=1).from_indexed_dataset(data)
+    return path
+
+
 # ---- method scripts end to end ----
-def run_method(script, betons, out_dir, *args, torchrun=False, check=True):
-    """`python <script>` (or torchrun with 2 CPU processes) on the test .beton files; with
-    `check`, a non-zero exit fails the test with the end of the script's output."""
+# Each method file on the tiny data: 320 images / batch 64 = 5 steps per epoch, 16 px views.
+TINY = ["--epochs", "2", "--batch-size", "64", "--projector-dims", "64", "32",
+        "--warmup-epochs", "0.5", "--num-workers", "1", "--device", "cpu"]
+VIEWS_16 = ["--view1.resolution", "16", "--view2.resolution", "16"]
+METHODS = {"simclr.py": VIEWS_16, "barlowtwins.py": VIEWS_16, "vicreg.py": VIEWS_16,
+           "instance_simclr.py": ["--resolution", "16", "--num-negatives", "2"]}
+
+
+def run_method(script, betons, out_dir, *args, torchrun=False, check=True, tiny=True):
+    """`python <script>` (or torchrun with 2 CPU processes) on the test .beton files, with the
+    TINY budget unless `tiny` is False; with `check`, a non-zero exit or anything alarming on
+    stderr (a traceback, numba's "Exception ignored") fails the test."""
     import subprocess
 
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                 "--nproc-per-node", "2"] if torchrun else [sys.executable]
-    cmd = [*launcher, script, "--train-beton", betons["train"], "--val-beton", betons["val"],
-           "--out-dir", str(out_dir), *args]
+    budget = [*TINY, *METHODS[script]] if tiny else []
+    train = betons["train"] if isinstance(betons["train"], list) else [betons["train"]]
+    cmd = [*launcher, script, "--train-beton", *train, "--val-beton", betons["val"],
+           "--out-dir", str(out_dir), *budget, *args]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    if check and done.returncode != 0:
-        raise AssertionError(done.stdout[-3000:] + done.stderr[-3000:])
+    if check:
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        for alarm in ("Traceback", "Exception ignored"):
+            assert alarm not in done.stderr, done.stderr[-3000:]
     return done
 
 
 def load_exported_resnet18(path):
-    """A method's backbone.pt into torchvision's resnet18 with fc = Identity() and the small
-    stem, strictly: what a user of the export does."""
+    """A method's backbone.pt into torchvision's resnet18 with fc = Identity() and the stem that
+    backbone.json beside it describes, strictly: what a user of the export does."""
+    import json
+
     import torch
     import torch.nn as nn
     import torchvision
 
+    stem = json.load(open(os.path.join(os.path.dirname(path), "backbone.json")))["stem"]
     net = torchvision.models.resnet18()
     net.fc = nn.Identity()
-    net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
-    net.maxpool = nn.Identity()
+    net.conv1 = nn.Conv2d(3, 64, bias=False, **stem["conv1"])
+    if not stem["maxpool"]:
+        net.maxpool = nn.Identity()
     net.load_state_dict(torch.load(path, weights_only=True), strict=True)
     return net
+
+
+def same_weights(path_a, path_b):
+    """Whether two state dicts (backbone.pt files) are bit-identical."""
+    import torch
+
+    a, b = torch.load(path_a, weights_only=True), torch.load(path_b, weights_only=True)
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 # ---- the DDP path of a loss, with CPU processes ----

@@ -2,14 +2,13 @@
 opposite with in-batch negatives, which must equal simclr.py's NT-Xent when there are no patch
 negatives), the DDP path, the patch recipes, and the script end to end."""
 
-import json
 import math
 
 import pytest
 import torch
 
 import ffcv_ssl_common as C
-from conftest import load_exported_resnet18, run_ddp, run_method
+from conftest import run_ddp
 from instance_simclr import Args, instance_nt_xent_loss, patch_view
 from simclr import nt_xent_loss
 
@@ -109,46 +108,3 @@ def test_recipes():
     assert [type(op) for op in full.augmentations()] == [
         C.RandomHorizontalFlip, C.RandomColorJitter, C.RandomGrayscale, C.GaussianNoise]
     assert full.crop_scale == (0.1, 0.3) and full.saturation == C.simclr_views()[0].saturation
-
-
-TINY = ["--epochs", "2", "--batch-size", "64", "--projector-dims", "64", "64", "--resolution",
-        "16", "--warmup-epochs", "0.5", "--num-workers", "1", "--device", "cpu"]
-
-
-def run(betons, out_dir, *extra, torchrun=False, check=True):
-    return run_method("instance_simclr.py", betons, out_dir, *TINY, *extra, torchrun=torchrun,
-                      check=check)
-
-
-def test_end_to_end(betons, tmp_path):
-    """Train 5 steps (stops in epoch 1, checkpointed), resume to the end, export, probe."""
-    import probe
-
-    run(betons, tmp_path, "--max-steps", "5", "--num-negatives", "2")
-    resumed = run(betons, tmp_path, "--num-negatives", "2")
-    assert "resumed from" in resumed.stdout and "epoch 2/2" in resumed.stdout
-    epochs = [json.loads(line) for line in open(tmp_path / "log.jsonl") if "probe_acc" in line]
-    assert [e["epoch"] for e in epochs] == [1, 2] and all(math.isfinite(e["loss"]) for e in epochs)
-    meta = json.load(open(tmp_path / "backbone.json"))
-    assert meta == {"arch": "resnet18", "small_stem": True, "resolution": 16,
-                    "method": "instance_simclr"}
-    load_exported_resnet18(tmp_path / "backbone.pt")
-    res = probe.main(probe.Args(backbone=str(tmp_path / "backbone.pt"), heads=("knn", "linear"),
-                                train_beton=betons["train"], val_beton=betons["val"], epochs=5,
-                                num_workers=1, device="cpu"))
-    assert 0 <= res["knn"]["top1"] <= 1 and 0 <= res["linear"]["top1"] <= 1
-
-
-def test_torchrun_in_batch_and_simclr_recipe(betons, tmp_path):
-    done = run(betons, tmp_path, "--max-steps", "2", "--in-batch-negatives", "--recipe", "simclr",
-               torchrun=True)
-    assert '"world": 2' in done.stdout
-    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 2
-
-
-def test_bad_arguments(betons, tmp_path):
-    done = run(betons, tmp_path, "--num-negatives", "0", check=False)
-    assert done.returncode != 0 and "error: --num-negatives 0" in done.stderr
-    done = run({"train": str(tmp_path / "missing.beton"), "val": betons["val"]}, tmp_path,
-               check=False)
-    assert done.returncode != 0 and "no such .beton file" in done.stderr

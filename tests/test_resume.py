@@ -1,0 +1,168 @@
+"""Interrupted runs, as on a pre-emptible cluster: kill -9 at random moments mid-epoch and the
+same command again ends with the uninterrupted run's weights bit for bit; SIGTERM saves and stops;
+a resume with other settings, a corrupt checkpoint or a pickle that would run code is refused in
+one line before anything slow. The resume machinery is the same code in every method file
+(tests/test_style.py checks that), so simclr.py stands for all four here; test_e2e.py resumes
+each file once."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import METHODS, ROOT, TINY, run_method, same_weights
+
+
+@pytest.fixture(scope="module")
+def straight(betons, tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight")
+    run_method("simclr.py", betons, out)
+    return out
+
+
+def start(betons, out_dir, *extra):
+    cmd = [sys.executable, "simclr.py", "--train-beton", betons["train"], "--val-beton",
+           betons["val"], "--out-dir", str(out_dir), *TINY, *METHODS["simclr.py"], *extra]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def checkpoint_step(out_dir):
+    try:  # the checkpoint is renamed into place: never half-written
+        return torch.load(out_dir / "checkpoint.pt", weights_only=True)["step"]
+    except (FileNotFoundError, RuntimeError, EOFError):
+        return -1
+
+
+def wait_for_step(proc, out_dir, step, timeout=300):
+    deadline = time.time() + timeout
+    while checkpoint_step(out_dir) < step:
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert time.time() < deadline
+        time.sleep(0.05)
+
+
+def test_kill_9_at_random_moments_then_same_command(betons, straight, tmp_path):
+    """Checkpoints every step (--checkpoint-every-min 1e-6); SIGKILL once the run has passed a
+    random step in epoch 1 and again in epoch 2, at a random moment of the step; the same command
+    resumes each time and the result is the uninterrupted run's, bit for bit."""
+    rng = random.Random(int(os.environ.get("PYTEST_SEED", time.time())))
+    every_step = ("--checkpoint-every-min", "1e-6")
+    for step in (rng.randint(1, 3), rng.randint(6, 8)):
+        proc = start(betons, tmp_path, *every_step)
+        wait_for_step(proc, tmp_path, step)
+        time.sleep(rng.uniform(0, 0.5))  # anywhere in the next step, or while saving
+        proc.kill()
+        proc.communicate()
+        ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+        assert ckpt["step"] >= step and ckpt["step"] < 10, "killed too late to test anything"
+    done = run_method("simclr.py", betons, tmp_path, *every_step)
+    assert "resumed from" in done.stdout
+    assert same_weights(straight / "backbone.pt", tmp_path / "backbone.pt")
+    epochs = [json.loads(line) for line in open(tmp_path / "log.jsonl") if "probe_acc" in line]
+    assert [e["epoch"] for e in epochs] == [1, 2]  # no duplicated or lost epoch lines
+
+
+def test_sigterm_saves_a_checkpoint_and_stops(betons, straight, tmp_path):
+    proc = start(betons, tmp_path, "--checkpoint-every-min", "0")  # only the signal's checkpoint
+    wait_for_step(proc, tmp_path, 5)  # the end of epoch 1 checkpoints anyway
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "caught signal 15" in out and "Traceback" not in err
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] >= 5
+    assert not (tmp_path / "backbone.pt").exists()  # not exported: the run is not finished
+    run_method("simclr.py", betons, tmp_path)
+    assert same_weights(straight / "backbone.pt", tmp_path / "backbone.pt")
+
+
+def test_other_settings_are_refused_and_no_resume_starts_a_fresh_log(betons, straight,
+                                                                      tmp_path):
+    import shutil
+
+    shutil.copy(straight / "checkpoint.pt", tmp_path / "checkpoint.pt")
+    shutil.copy(straight / "log.jsonl", tmp_path / "log.jsonl")
+    for extra, says in ((["--temperature", "0.5"], "--temperature 0.5 (checkpoint: 0.15)"),
+                        (["--epochs", "3"], "--epochs 3 (checkpoint: 2)"),
+                        (["--view1.hue", "0.2"], "--view1.hue 0.2 (checkpoint: 0.1)")):
+        run = run_method("simclr.py", betons, tmp_path, *extra, check=False)
+        assert run.returncode == 1 and says in run.stderr, run.stderr[-2000:]
+        assert len(run.stderr.strip().splitlines()) == 1 and "Traceback" not in run.stderr
+    # Settings that do not change the result may differ (here: loader threads).
+    same = run_method("simclr.py", betons, tmp_path, "--num-workers", "2")
+    assert "resumed from" in same.stdout and "epoch 2, batch 0" in same.stdout
+    # --no-resume: a new run, a new log (not appended to the old one).
+    run_method("simclr.py", betons, tmp_path, "--no-resume", "--epochs", "1")
+    epochs = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert [e["epoch"] for e in epochs] == [1]
+
+
+class RunsCode:
+    """A pickle that would create a file when loaded without weights_only."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "code", "not_a_checkpoint"])
+def test_damaged_checkpoints_give_one_line(betons, straight, tmp_path, damage):
+    path = tmp_path / "checkpoint.pt"
+    good = (straight / "checkpoint.pt").read_bytes()
+    marker = tmp_path / "pwned"
+    if damage == "truncated":
+        path.write_bytes(good[: len(good) // 2])
+    elif damage == "garbage":
+        path.write_bytes(os.urandom(4096))
+    elif damage == "code":
+        torch.save({"model": RunsCode(str(marker))}, path)
+    else:
+        torch.save({"weights": torch.zeros(3)}, path)
+    started = time.time()
+    run = run_method("simclr.py", betons, tmp_path, check=False)
+    assert run.returncode == 1 and not marker.exists()
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and str(path) in lines[0], lines
+    assert "--no-resume" in lines[0]
+    assert time.time() - started < 60  # refused before building loaders (tens of seconds)
+
+
+def test_checkpoint_loads_on_the_cpu_whatever_the_device(straight, monkeypatch):
+    """A GPU run resumed with map_location=<the GPU> gave torch.set_rng_state a CUDA tensor (a
+    TypeError). load_checkpoint always maps to the CPU; load_state_dict moves the weights."""
+    import simclr
+
+    seen = []
+    real_load = torch.load
+
+    def recording_load(*a, **k):
+        seen.append(k.get("map_location"))
+        return real_load(*a, **k)
+
+    monkeypatch.setattr(torch, "load", recording_load)
+    args = simclr.Args(epochs=2, batch_size=64, projector_dims=(64, 32), warmup_epochs=0.5,
+                       view1=simclr.Args().view1, view2=simclr.Args().view2)
+    saved = real_load(straight / "checkpoint.pt", weights_only=True)["args"]
+    args = simclr.Args(**{**{k: v for k, v in saved.items() if k not in ("view1", "view2")},
+                          "view1": simclr.ViewConfig(**saved["view1"]),
+                          "view2": simclr.ViewConfig(**saved["view2"])})
+    ckpt = simclr.load_checkpoint(str(straight / "checkpoint.pt"), args)
+    assert seen == ["cpu"]
+    assert ckpt["rng"].device.type == "cpu" and ckpt["rng"].dtype == torch.uint8
+    torch.set_rng_state(ckpt["rng"])  # what resuming does
+    assert all(t.device.type == "cpu" for t in ckpt["model"].values())
+
+
+def test_train_subset_smaller_than_a_batch(betons, tmp_path):
+    run = run_method("simclr.py", betons, tmp_path, "--train-subset", "10", check=False)
+    assert run.returncode == 1 and "--train-subset 10 is smaller than one batch" in run.stderr
+    assert "Traceback" not in run.stderr
