@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 DATA   := data
 
-.PHONY: install demo test bench clean
+.PHONY: install data demo test bench clean
 install: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt tools/install_system_deps.sh
@@ -18,6 +18,8 @@ $(VENV)/.installed: requirements.txt tools/install_system_deps.sh
 
 $(DATA)/fashion-mnist_train.beton: | install
 	$(PY) write_beton.py --out-dir $(DATA)
+
+data: $(DATA)/fashion-mnist_train.beton
 
 demo: install $(DATA)/fashion-mnist_train.beton
 	$(PY) ffcv_ssl_common.py --beton $(DATA)/fashion-mnist_train.beton --preset simclr --out runs/views_simclr.png

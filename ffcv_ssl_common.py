@@ -862,8 +862,8 @@ def subset_indices(beton: str | Sequence[str], size: int, seed: int = 0):
         return None
     counts = [int(open_beton(b).num_samples) for b in beton]  # uint64: permutation() gives floats
     if size > sum(counts):
-        raise ValueError(f"a subset of {size} images asked from {', '.join(beton)}, which hold "
-                         f"{sum(counts)}")
+        raise ValueError(f"a subset of {size} images asked from {', '.join(beton)}, which "
+                         f"hold{'s' if len(beton) == 1 else ''} {sum(counts)}")
     picked = np.sort(np.random.default_rng(seed).permutation(sum(counts))[:size]).astype(np.int64)
     starts = np.cumsum([0] + counts)
     return [picked[(picked >= a) & (picked < b)] - a for a, b in zip(starts[:-1], starts[1:])]

@@ -131,6 +131,22 @@ def run_method(script, betons, out_dir, *args, torchrun=False, check=True, tiny=
     return done
 
 
+@pytest.fixture(scope="session")
+def straight(betons, tmp_path_factory):
+    """straight(script): the out_dir of that method file's TINY run in one go (two epochs), made
+    once per test session and shared by every test that compares against it."""
+    runs = {}
+
+    def get(script):
+        if script not in runs:
+            out = tmp_path_factory.mktemp("straight_" + script[:-3])
+            run_method(script, betons, out)
+            runs[script] = out
+        return runs[script]
+
+    return get
+
+
 def load_exported_resnet18(path):
     """A method's backbone.pt into torchvision's resnet18 with fc = Identity() and the stem that
     backbone.json beside it describes, strictly: what a user of the export does."""

@@ -275,3 +275,37 @@ def test_instance_patches_share_the_crop_and_negatives_avoid_it(tmp_path):
     assert checked == 72
     with pytest.raises(ValueError, match="shared_crop"):
         C.make_ssl_loader(beton, [plain, plain], batch_size=12, negatives=[plain])
+
+
+def test_two_files_interleaved_every_image_once_and_resumable(betons, unlabelled_beton):
+    """Two .beton files as one training set: 320 labelled + 192 unlabelled images, batch 64 ->
+    5 + 3 batches per epoch, each image once, the files' batches in a seeded random order; a
+    loader told to skip the first k batches yields exactly the rest of that epoch."""
+    views = [C.ViewConfig(resolution=16)]
+    loader = C.make_ssl_loader([betons["train"], unlabelled_beton], views, batch_size=64,
+                               num_workers=1, seed=3)
+    assert isinstance(loader, C.InterleavedLoader) and len(loader) == 8
+    epoch0 = [[t.clone() for t in batch] for batch in loader]
+    sources = [int((y >= 0).all()) for _, y in epoch0]  # 1: the labelled file
+    assert sum(sources) == 5 and len(sources) == 8
+    assert all(((y >= 0).all() or (y == -1).all()) for _, y in epoch0)  # one file per batch
+    labels = torch.cat([y for _, y in epoch0 if (y >= 0).all()])
+    assert torch.equal(torch.bincount(labels, minlength=10), torch.full((10,), 32))
+    assert list(loader.sources(0)) == [1 - s for s in sources]  # file 0 is the labelled one
+    assert any(not np.array_equal(loader.sources(0), loader.sources(e)) for e in range(1, 5))
+    for skip in (3, 6):
+        loader.next_epoch, loader.skip_batches = 0, skip
+        rest = [[t.clone() for t in batch] for batch in loader]
+        assert len(rest) == 8 - skip
+        for (x, y), (x0, y0) in zip(rest, epoch0[skip:]):
+            assert torch.equal(x, x0) and torch.equal(y, y0)
+
+
+def test_subset_indices_over_several_files(betons, unlabelled_beton):
+    picked = C.subset_indices([betons["train"], unlabelled_beton], 200, seed=1)
+    assert len(picked) == 2 and sum(len(p) for p in picked) == 200
+    assert picked[0].max() < 320 and picked[1].max() < 192 and len(picked[1]) > 0
+    again = C.subset_indices([betons["train"], unlabelled_beton], 200, seed=1)
+    assert all(np.array_equal(a, b) for a, b in zip(picked, again))
+    with pytest.raises(ValueError, match="a subset of 600 images"):
+        C.subset_indices([betons["train"], unlabelled_beton], 600)

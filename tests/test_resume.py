@@ -19,13 +19,6 @@ import torch
 from conftest import METHODS, ROOT, TINY, run_method, same_weights
 
 
-@pytest.fixture(scope="module")
-def straight(betons, tmp_path_factory):
-    out = tmp_path_factory.mktemp("straight")
-    run_method("simclr.py", betons, out)
-    return out
-
-
 def start(betons, out_dir, *extra):
     cmd = [sys.executable, "simclr.py", "--train-beton", betons["train"], "--val-beton",
            betons["val"], "--out-dir", str(out_dir), *TINY, *METHODS["simclr.py"], *extra]
@@ -48,47 +41,43 @@ def wait_for_step(proc, out_dir, step, timeout=300):
         time.sleep(0.05)
 
 
-def test_kill_9_at_random_moments_then_same_command(betons, straight, tmp_path):
-    """Checkpoints every step (--checkpoint-every-min 1e-6); SIGKILL once the run has passed a
-    random step in epoch 1 and again in epoch 2, at a random moment of the step; the same command
-    resumes each time and the result is the uninterrupted run's, bit for bit."""
+def test_kill_9_and_sigterm_at_random_moments_then_same_command(betons, straight, tmp_path):
+    """Checkpoints every step (--checkpoint-every-min 1e-6). SIGKILL once the run has passed a
+    random step of epoch 1, at a random moment of the next step (or while it saves); the same
+    command resumes; SIGTERM at a random step of epoch 2 saves and stops with status 143; the
+    same command finishes. The result is the uninterrupted run's, bit for bit, and so is the
+    log's sequence of epochs."""
     rng = random.Random(int(os.environ.get("PYTEST_SEED", time.time())))
     every_step = ("--checkpoint-every-min", "1e-6")
-    for step in (rng.randint(1, 3), rng.randint(6, 8)):
-        proc = start(betons, tmp_path, *every_step)
-        wait_for_step(proc, tmp_path, step)
-        time.sleep(rng.uniform(0, 0.5))  # anywhere in the next step, or while saving
-        proc.kill()
-        proc.communicate()
-        ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
-        assert ckpt["step"] >= step and ckpt["step"] < 10, "killed too late to test anything"
-    done = run_method("simclr.py", betons, tmp_path, *every_step)
-    assert "resumed from" in done.stdout
-    assert same_weights(straight / "backbone.pt", tmp_path / "backbone.pt")
-    epochs = [json.loads(line) for line in open(tmp_path / "log.jsonl") if "probe_acc" in line]
-    assert [e["epoch"] for e in epochs] == [1, 2]  # no duplicated or lost epoch lines
+    proc = start(betons, tmp_path, *every_step)
+    wait_for_step(proc, tmp_path, rng.randint(1, 3))
+    time.sleep(rng.uniform(0, 0.5))
+    proc.kill()
+    proc.communicate()
+    assert 1 <= checkpoint_step(tmp_path) < 5, "killed too late to test anything"
 
-
-def test_sigterm_saves_a_checkpoint_and_stops(betons, straight, tmp_path):
-    proc = start(betons, tmp_path, "--checkpoint-every-min", "0")  # only the signal's checkpoint
-    wait_for_step(proc, tmp_path, 5)  # the end of epoch 1 checkpoints anyway
+    proc = start(betons, tmp_path, *every_step)
+    wait_for_step(proc, tmp_path, rng.randint(6, 8))
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
-    assert "caught signal 15" in out and "Traceback" not in err
-    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
-    assert ckpt["step"] >= 5
+    assert "resumed from" in out and "caught signal 15" in out and "Traceback" not in err
+    assert checkpoint_step(tmp_path) < 10
     assert not (tmp_path / "backbone.pt").exists()  # not exported: the run is not finished
-    run_method("simclr.py", betons, tmp_path)
-    assert same_weights(straight / "backbone.pt", tmp_path / "backbone.pt")
+
+    done = run_method("simclr.py", betons, tmp_path, *every_step)
+    assert "resumed from" in done.stdout
+    assert same_weights(straight("simclr.py") / "backbone.pt", tmp_path / "backbone.pt")
+    epochs = [json.loads(line) for line in open(tmp_path / "log.jsonl") if "probe_acc" in line]
+    assert [e["epoch"] for e in epochs] == [1, 2]  # no duplicated or lost epoch lines
 
 
 def test_other_settings_are_refused_and_no_resume_starts_a_fresh_log(betons, straight,
                                                                       tmp_path):
     import shutil
 
-    shutil.copy(straight / "checkpoint.pt", tmp_path / "checkpoint.pt")
-    shutil.copy(straight / "log.jsonl", tmp_path / "log.jsonl")
+    shutil.copy(straight("simclr.py") / "checkpoint.pt", tmp_path / "checkpoint.pt")
+    shutil.copy(straight("simclr.py") / "log.jsonl", tmp_path / "log.jsonl")
     for extra, says in ((["--temperature", "0.5"], "--temperature 0.5 (checkpoint: 0.15)"),
                         (["--epochs", "3"], "--epochs 3 (checkpoint: 2)"),
                         (["--view1.hue", "0.2"], "--view1.hue 0.2 (checkpoint: 0.1)")):
@@ -114,10 +103,23 @@ class RunsCode:
         return (open, (self.path, "w"))
 
 
+def simclr_args(saved: dict):
+    """simclr.Args from a checkpoint's saved arguments."""
+    import simclr
+
+    views = {k: simclr.ViewConfig(**{f: tuple(v) if isinstance(v, list) else v
+                                     for f, v in saved[k].items()}) for k in ("view1", "view2")}
+    plain = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()
+             if k not in views}
+    return simclr.Args(**plain, **views)
+
+
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "code", "not_a_checkpoint"])
-def test_damaged_checkpoints_give_one_line(betons, straight, tmp_path, damage):
+def test_damaged_checkpoints_are_refused_in_one_line(straight, tmp_path, damage):
+    import simclr
+
     path = tmp_path / "checkpoint.pt"
-    good = (straight / "checkpoint.pt").read_bytes()
+    good = (straight("simclr.py") / "checkpoint.pt").read_bytes()
     marker = tmp_path / "pwned"
     if damage == "truncated":
         path.write_bytes(good[: len(good) // 2])
@@ -127,13 +129,24 @@ def test_damaged_checkpoints_give_one_line(betons, straight, tmp_path, damage):
         torch.save({"model": RunsCode(str(marker))}, path)
     else:
         torch.save({"weights": torch.zeros(3)}, path)
+    args = simclr_args(torch.load(straight("simclr.py") / "checkpoint.pt",
+                                  weights_only=True)["args"])
+    with pytest.raises(ValueError) as err:
+        simclr.load_checkpoint(str(path), args)
+    message = str(err.value)
+    assert "\n" not in message and str(path) in message and "--no-resume" in message
+    assert not marker.exists()  # the pickle's code never ran
+
+
+def test_damaged_checkpoint_on_the_command_line(betons, straight, tmp_path):
+    good = (straight("simclr.py") / "checkpoint.pt").read_bytes()
+    (tmp_path / "checkpoint.pt").write_bytes(good[: len(good) // 3])
     started = time.time()
     run = run_method("simclr.py", betons, tmp_path, check=False)
-    assert run.returncode == 1 and not marker.exists()
     lines = run.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and str(path) in lines[0], lines
-    assert "--no-resume" in lines[0]
-    assert time.time() - started < 60  # refused before building loaders (tens of seconds)
+    assert run.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), lines
+    assert "cannot be loaded as a checkpoint" in lines[0]
+    assert time.time() - started < 60  # refused before building loaders
 
 
 def test_checkpoint_loads_on_the_cpu_whatever_the_device(straight, monkeypatch):
@@ -149,13 +162,10 @@ def test_checkpoint_loads_on_the_cpu_whatever_the_device(straight, monkeypatch):
         return real_load(*a, **k)
 
     monkeypatch.setattr(torch, "load", recording_load)
-    args = simclr.Args(epochs=2, batch_size=64, projector_dims=(64, 32), warmup_epochs=0.5,
-                       view1=simclr.Args().view1, view2=simclr.Args().view2)
-    saved = real_load(straight / "checkpoint.pt", weights_only=True)["args"]
-    args = simclr.Args(**{**{k: v for k, v in saved.items() if k not in ("view1", "view2")},
-                          "view1": simclr.ViewConfig(**saved["view1"]),
-                          "view2": simclr.ViewConfig(**saved["view2"])})
-    ckpt = simclr.load_checkpoint(str(straight / "checkpoint.pt"), args)
+    path = straight("simclr.py") / "checkpoint.pt"
+    args = simclr_args(real_load(path, weights_only=True)["args"])
+    seen.clear()
+    ckpt = simclr.load_checkpoint(str(path), args)
     assert seen == ["cpu"]
     assert ckpt["rng"].device.type == "cpu" and ckpt["rng"].dtype == torch.uint8
     torch.set_rng_state(ckpt["rng"])  # what resuming does

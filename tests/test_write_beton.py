@@ -152,3 +152,20 @@ def test_cli_unknown_dataset():
 def test_photos_are_real():
     # The realistic-JPEG tests rely on scikit-image's bundled photos being actual photographs.
     assert all(p.ndim == 3 and p.std() > 30 for p in photos())
+
+
+def test_val_split_takes_the_training_splits_classes(tmp_path):
+    """val/ without class1: its class2 and class3 images keep train's labels 2 and 3 (numbered
+    on its own, they would become 1 and 2); a class only val/ has is refused."""
+    import shutil
+
+    root = make_image_folder(tmp_path / "src", per_class=2)
+    shutil.rmtree(root / "val" / "class1")
+    paths = write_beton.main(args(dataset="imagefolder", data_dir=str(root),
+                                  out_dir=str(tmp_path / "out")))
+    assert np.array_equal(Reader(paths[1]).metadata["f1"], [0, 0, 2, 2, 3, 3])
+    (root / "val" / "zebra").mkdir()
+    shutil.copy(root / "val" / "class0" / "0.jpg", root / "val" / "zebra" / "0.jpg")
+    with pytest.raises(SystemExit, match="class folder.*zebra.*training split lacks"):
+        write_beton.main(args(dataset="imagefolder", data_dir=str(root),
+                              out_dir=str(tmp_path / "out2")))
