@@ -35,8 +35,11 @@ class Args:
     """A backbone state dict (saved by simclr.py, barlowtwins.py, ...: backbone.json beside it
     says how to build it) or any torchvision ResNet state dict (then give --arch and --stem)."""
     train_beton: str = "data/fashion-mnist_train.beton"
+    """Images the heads are fit on (label -1: unlabelled, left out)."""
     val_beton: str = "data/fashion-mnist_val.beton"
+    """Images the heads are tested on (labelled)."""
     num_classes: int = 10
+    """Classes of the heads (labels 0 .. num_classes - 1)."""
     arch: str | None = None
     """Architecture; default: from backbone.json."""
     stem: Literal["from-json", "small", "imagenet"] = "from-json"
@@ -46,6 +49,7 @@ class Args:
     random_init: bool = False
     """Probe the same architecture with random weights instead: the baseline SSL must beat."""
     heads: tuple[Literal["linear", "mlp", "knn"], ...] = ("linear", "mlp", "knn")
+    """Which evaluations to run."""
     mlp_dims: tuple[int, ...] = (1024,)
     """Hidden widths of the MLP head (Linear-BN-ReLU each)."""
     epochs: int = 30
@@ -53,8 +57,11 @@ class Args:
     lr: float = 1e-3
     """AdamW learning rate of the heads (cosine decay)."""
     weight_decay: float = 5e-4
+    """AdamW weight decay of the heads."""
     batch_size: int = 1024
+    """Batch of the heads' training."""
     knn_k: int = 20
+    """Neighbours that vote in k-NN."""
     knn_temperature: float = 0.07
     """k-NN votes weighted by exp(cosine similarity / T) (Wu et al. 2018)."""
     augment: bool = False
@@ -63,8 +70,11 @@ class Args:
     train_subset: int = 0
     """Fit the heads on this many training images drawn with `seed` (0: all); for quick looks."""
     num_workers: int = 2
+    """Loader threads."""
     seed: int = 0
+    """Seed of the random init (--random-init), the heads and the subset."""
     device: Literal["auto", "cuda", "cpu"] = "auto"
+    """auto: CUDA when available."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """Backbone under bf16 autocast or in fp32; auto: bf16 where the hardware computes in bf16
     (as in the method files: CUDA GPUs from Ampere on, CPUs with AVX512-BF16 or AMX)."""

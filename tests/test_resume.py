@@ -78,12 +78,26 @@ def test_other_settings_are_refused_and_no_resume_starts_a_fresh_log(betons, str
 
     shutil.copy(straight("simclr.py") / "checkpoint.pt", tmp_path / "checkpoint.pt")
     shutil.copy(straight("simclr.py") / "log.jsonl", tmp_path / "log.jsonl")
-    for extra, says in ((["--temperature", "0.5"], "--temperature 0.5 (checkpoint: 0.15)"),
-                        (["--epochs", "3"], "--epochs 3 (checkpoint: 2)"),
-                        (["--view1.hue", "0.2"], "--view1.hue 0.2 (checkpoint: 0.1)")):
-        run = run_method("simclr.py", betons, tmp_path, *extra, check=False)
-        assert run.returncode == 1 and says in run.stderr, run.stderr[-2000:]
-        assert len(run.stderr.strip().splitlines()) == 1 and "Traceback" not in run.stderr
+    import simclr
+    from dataclasses import replace
+
+    args = simclr_args(torch.load(tmp_path / "checkpoint.pt", weights_only=True)["args"])
+    simclr.load_checkpoint(str(tmp_path / "checkpoint.pt"), args)  # the same settings: fine
+    for changed, says in ((dict(temperature=0.5), "--temperature 0.5 (checkpoint: 0.15)"),
+                          (dict(epochs=3), "--epochs 3 (checkpoint: 2)"),
+                          (dict(view1=replace(args.view1, hue=0.2)),
+                           "--view1.hue 0.2 (checkpoint: 0.1)"),
+                          (dict(projector_dims=(64, 64)), "--projector-dims [64, 64] (checkpoint: "
+                                                          "[64, 32])")):
+        with pytest.raises(ValueError, match="is from a run with other settings") as err:
+            simclr.load_checkpoint(str(tmp_path / "checkpoint.pt"), replace(args, **changed))
+        assert says in str(err.value) and "--no-resume" in str(err.value)
+    for run_only in (dict(num_workers=4), dict(max_steps=3), dict(device="cuda")):
+        simclr.load_checkpoint(str(tmp_path / "checkpoint.pt"), replace(args, **run_only))
+    # The command line: one line, exit 1, the old run untouched.
+    run = run_method("simclr.py", betons, tmp_path, "--temperature", "0.5", check=False)
+    assert run.returncode == 1 and "--temperature 0.5 (checkpoint: 0.15)" in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1 and "Traceback" not in run.stderr
     # Settings that do not change the result may differ (here: loader threads).
     same = run_method("simclr.py", betons, tmp_path, "--num-workers", "2")
     assert "resumed from" in same.stdout and "epoch 2, batch 0" in same.stdout

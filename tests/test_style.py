@@ -55,3 +55,8 @@ def test_main_is_the_same_apart_from_the_method():
         changed = [line for line in mains[path].splitlines()
                    if line not in mains["simclr.py"].splitlines()]
         assert len(changed) <= 2, changed  # the model's class name, the NaN hint
+
+
+@pytest.mark.parametrize("path", ["probe.py", "write_beton.py"])
+def test_every_tool_setting_is_documented(path):
+    test_every_setting_is_documented(path)
