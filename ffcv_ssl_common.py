@@ -760,14 +760,26 @@ class SSLLoader(Loader):
         self.next_epoch, self.skip_batches = self.next_epoch + 1, 0
         if self.code is None or self.recompile:
             self.generate_code()
-            # numba's finaliser for a garbage-collected pipeline raises (and prints) a KeyError
-            # from its own dictionary of compiled versions ("Exception ignored in: <finalize
-            # object ...>"); alive until exit, where numba skips that finaliser.
-            _COMPILED_LOADERS.append(self)
         return _EpochIterator(self, order)
 
 
-_COMPILED_LOADERS: list[SSLLoader] = []
+# When one of the functions ffcv compiles for a pipeline (e.g. its wrapper of the C++ imdecode,
+# one per decoder) is garbage-collected, numba's finaliser raises a KeyError from its own table of
+# compiled versions, and Python prints "Exception ignored in: <finalize object ...>" with a
+# traceback: harmless, but a user reads it as a crash. Seen after probe.py's feature extraction
+# (tests/test_probe.py reproduces it). So every function ffcv compiles stays alive until the
+# interpreter exits, where numba skips that finaliser: a few compiled functions per loader.
+_COMPILED_BY_FFCV = []
+_ffcv_compile = Compiler.compile
+
+
+def _compile_and_keep(code, signature=None):
+    compiled = _ffcv_compile(code, signature)
+    _COMPILED_BY_FFCV.append(compiled)
+    return compiled
+
+
+Compiler.compile = staticmethod(_compile_and_keep)
 
 
 class InterleavedLoader:
