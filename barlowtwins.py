@@ -149,7 +149,8 @@ def validate(args: Args) -> None:
         ("--warmup-epochs", args.warmup_epochs, 0 <= args.warmup_epochs <= args.epochs,
          "in [0, --epochs]"),
         ("--probe-lr", args.probe_lr, args.probe_lr > 0, "> 0"),
-        ("--out-dir", args.out_dir, bool(args.out_dir.strip()), "a folder name"),
+        ("--out-dir", args.out_dir, bool(args.out_dir.strip()) and (
+            os.path.isdir(args.out_dir) or not os.path.exists(args.out_dir)), "a folder"),
         ("--checkpoint-every-min", args.checkpoint_every_min, args.checkpoint_every_min >= 0,
          ">= 0 (0: at the end of each epoch only)"),
         ("--seed", args.seed, 0 <= args.seed < 2**32, "an integer in [0, 2^32)"),
@@ -436,7 +437,7 @@ def flat_settings(settings: dict, prefix: str = "") -> dict:
 
 
 CHECKPOINT_KEYS = {"model", "optimizer", "probe_optimizer", "epoch", "batch", "step", "sums",
-                   "rng", "args", "log_bytes"}
+                   "rng", "args", "log_bytes", "method"}
 
 
 def load_checkpoint(path: str, args: Args) -> dict:
@@ -449,9 +450,10 @@ def load_checkpoint(path: str, args: Args) -> dict:
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         raise ValueError(f"{path} cannot be loaded as a checkpoint ({reason}); delete it, or "
                          f"pass --no-resume to start over") from None
-    if not isinstance(ckpt, dict) or not CHECKPOINT_KEYS <= set(ckpt):
-        raise ValueError(f"{path} is not a checkpoint of {os.path.basename(__file__)}; delete "
-                         f"it, or pass --no-resume to start over")
+    if not isinstance(ckpt, dict) or not CHECKPOINT_KEYS <= set(ckpt) or (
+            ckpt["method"] != METHOD):
+        raise ValueError(f"{path} is not a checkpoint of {METHOD}.py; delete it, use another "
+                         f"--out-dir, or pass --no-resume to start over")
     saved, now = flat_settings(ckpt["args"]), flat_settings(asdict(args))
     changed = [k for k in now if k.split(".")[0] not in RUN_ONLY and saved.get(k) != now[k]]
     if changed:
@@ -566,7 +568,7 @@ def main(args: Args) -> dict:
         optimizer.load_state_dict(ckpt["optimizer"])
         probe_optimizer.load_state_dict(ckpt["probe_optimizer"])
         epoch, batch, step, sums = ckpt["epoch"], ckpt["batch"], ckpt["step"], ckpt["sums"]
-        torch.set_rng_state(ckpt["rng"])
+        torch.set_rng_state(ckpt["rng"].cpu())  # a CPU tensor whatever map_location said
         if main_process:
             with open(log_path, "a") as f:  # forget what was logged after the checkpoint
                 f.truncate(ckpt["log_bytes"])
@@ -592,8 +594,9 @@ def main(args: Args) -> dict:
             save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "probe_optimizer": probe_optimizer.state_dict(), "epoch": epoch,
                          "batch": batch, "step": step, "sums": sums, "rng": torch.get_rng_state(),
-                         "args": asdict(args), "log_bytes": os.path.getsize(log_path)
-                         if os.path.exists(log_path) else 0}, ckpt_path)
+                         "args": asdict(args), "method": METHOD,
+                         "log_bytes": os.path.getsize(log_path) if os.path.exists(log_path)
+                         else 0}, ckpt_path)
 
     def log(record: dict) -> None:
         if main_process:
@@ -628,7 +631,7 @@ def main(args: Args) -> dict:
                 bar.set_postfix(loss=f"{value:.3f}", lr=f"{lr:.3g}")
                 log({"step": step, "loss": value, "lr": lr})
             stop = bool(args.max_steps and step >= args.max_steps) or stop_requested(caught, device)
-            due = args.checkpoint_every_min and time.time() - saved_at >= 60 * args.checkpoint_every_min
+            due = 0 < args.checkpoint_every_min * 60 <= time.time() - saved_at
             if (stop or due) and batch < steps_per_epoch:  # the epoch's end saves its own
                 save(epoch, batch)
                 saved_at = time.time()

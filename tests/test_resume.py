@@ -128,7 +128,8 @@ def simclr_args(saved: dict):
     return simclr.Args(**plain, **views)
 
 
-@pytest.mark.parametrize("damage", ["truncated", "garbage", "code", "not_a_checkpoint"])
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "code", "not_a_checkpoint",
+                                    "other_method"])
 def test_damaged_checkpoints_are_refused_in_one_line(straight, tmp_path, damage):
     import simclr
 
@@ -141,6 +142,9 @@ def test_damaged_checkpoints_are_refused_in_one_line(straight, tmp_path, damage)
         path.write_bytes(os.urandom(4096))
     elif damage == "code":
         torch.save({"model": RunsCode(str(marker))}, path)
+    elif damage == "other_method":  # vicreg.py's checkpoint in simclr.py's folder
+        ckpt = torch.load(straight("simclr.py") / "checkpoint.pt", weights_only=True)
+        torch.save({**ckpt, "method": "vicreg"}, path)
     else:
         torch.save({"weights": torch.zeros(3)}, path)
     args = simclr_args(torch.load(straight("simclr.py") / "checkpoint.pt",

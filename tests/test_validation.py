@@ -133,3 +133,12 @@ def test_labels_out_of_range(betons, unlabelled_beton):
     check_labels(unlabelled_beton, 10, unlabelled_ok=True)
     with pytest.raises(ValueError, match="has label -1"):
         check_labels(unlabelled_beton, 10, unlabelled_ok=False)
+
+
+def test_out_dir_that_is_a_file(betons):
+    import simclr
+
+    args = simclr.Args(train_beton=(betons["train"],), val_beton=betons["val"],
+                       out_dir=betons["train"])
+    with pytest.raises(ValueError, match="^--out-dir .*: must be a folder"):
+        simclr.validate(args)
