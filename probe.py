@@ -100,6 +100,7 @@ def validate(args: Args) -> None:
         ("--train-subset", args.train_subset, args.train_subset >= 0, ">= 0 (0: all images)"),
         ("--num-workers", args.num_workers, args.num_workers >= 1, "an integer >= 1"),
         ("--seed", args.seed, 0 <= args.seed < 2**32, "an integer in [0, 2^32)"),
+        ("--out", args.out, not os.path.isdir(args.out), "a file name, not a folder"),
     ]
     for flag, value, allowed, what in rules:
         if isinstance(value, float) and not math.isfinite(value):

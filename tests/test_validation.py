@@ -101,7 +101,8 @@ def test_command_line_gives_one_line_and_fails_fast(script, args, says, betons, 
     ("epochs", 0, "--epochs"), ("lr", 0.0, "--lr"), ("batch_size", 1, "--batch-size"),
     ("knn_temperature", 0.0, "--knn-temperature"), ("heads", (), "--heads"),
     ("mlp_dims", (0,), "--mlp-dims"), ("resolution", -1, "--resolution"),
-    ("num_workers", 0, "--num-workers"), ("train_subset", -3, "--train-subset")])
+    ("num_workers", 0, "--num-workers"), ("train_subset", -3, "--train-subset"),
+    ("out", ROOT, "--out")])
 def test_probe_rules(field, value, flag, betons):
     import probe
 
