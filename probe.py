@@ -107,10 +107,6 @@ def validate(args: Args) -> None:
             allowed = False
         if not allowed:
             raise ValueError(f"{flag} {value}: must be {what}")
-    for path in (args.train_beton, args.val_beton):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: no such .beton file; write it with "
-                                    f"`python write_beton.py` (see README)")
 
 
 # The CIFAR-style stem (3x3 conv, stride 1, no max-pool), for a plain state dict without

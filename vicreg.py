@@ -169,10 +169,6 @@ def validate(args: Args) -> None:
             raise ValueError(f"{flag} {value}: must be {what}")
     for name in ("view1", "view2"):
         getattr(args, name).validate(f"--{name}.")
-    for path in (*args.train_beton, args.val_beton):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: no such .beton file; write it with "
-                                    f"`python write_beton.py` (see README)")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -143,3 +143,21 @@ def test_out_dir_that_is_a_file(betons):
                        out_dir=betons["train"])
     with pytest.raises(ValueError, match="^--out-dir .*: must be a folder"):
         simclr.validate(args)
+
+
+@pytest.mark.parametrize("which", ["train", "val"])
+def test_missing_beton_is_named_before_anything_slow(which, betons, tmp_path):
+    """A method file and probe.py name a missing .beton in one line (open_beton's check, reached
+    through check_labels before any loader or model is built)."""
+    import probe
+    import simclr
+
+    missing = str(tmp_path / "missing.beton")
+    paths = {"train": betons["train"], "val": betons["val"], which: missing}
+    with pytest.raises(FileNotFoundError, match="missing.beton: no such .beton file"):
+        simclr.main(simclr.Args(train_beton=(paths["train"],), val_beton=paths["val"],
+                                out_dir=str(tmp_path / "run")))
+    assert not (tmp_path / "run").exists()  # nothing written
+    with pytest.raises(FileNotFoundError, match="missing.beton: no such .beton file"):
+        probe.main(probe.Args(train_beton=paths["train"], val_beton=paths["val"],
+                              random_init=True, backbone=str(tmp_path / "b.pt")))
