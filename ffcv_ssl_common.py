@@ -8,7 +8,9 @@ random operations are not reproducible. This module adds, as numba-compiled ffcv
     RandomSolarization  x -> 255 - x where x >= threshold
     RandomGaussianBlur  separable Gaussian, sigma ~ U(sigma range), reflect padding
     GaussianNoise       additive N(0, std) per pixel (std in [0, 1] image units), for instance SimCLR
-    RandomResizedCrop   ffcv's crop decoder with its boxes drawn reproducibly
+    RandomResizedCrop   ffcv's crop decoder with its boxes drawn reproducibly, resampled as
+                        torchvision does (bilinear with antialiasing), not with OpenCV's INTER_AREA
+    CenterCrop          the evaluation crop, resampled the same way
 
 and loaders that yield `(view_1, ..., view_k, label)` or `(image, label)`:
 
@@ -32,9 +34,9 @@ import numpy as np
 import torch
 from ffcv.fields import IntField, RGBImageField
 from ffcv.fields.basics import IntDecoder
-from ffcv.fields.rgb_image import (IMAGE_MODES, CenterCropRGBImageDecoder,
+from ffcv.fields.rgb_image import (IMAGE_MODES,
                                    RandomResizedCropRGBImageDecoder)
-from ffcv.libffcv import imdecode, resize_crop
+from ffcv.libffcv import imdecode
 from ffcv.loader import Loader, OrderOption
 from ffcv.loader.epoch_iterator import IS_CUDA, EpochIterator
 from ffcv.pipeline import PipelineSpec
@@ -356,6 +358,57 @@ FLIP, JITTER, GRAYSCALE, BLUR, SOLARIZE, NOISE = range(6)
 
 
 @_njit
+def antialias_weights(in_size, out_size):
+    """torchvision's resampling weights (F.interpolate(mode="bilinear", antialias=True,
+    align_corners=False), the same triangle filter as PIL): output pixel x averages the input
+    pixels first[x] .. first[x] + count[x] - 1 with weights[x, :count[x]]. Enlarging, this is
+    plain bilinear interpolation; shrinking by s, the triangle widens to s pixels each side, so
+    every input pixel counts (OpenCV's INTER_AREA instead repeats pixels when enlarging)."""
+    scale = in_size / out_size
+    support = max(scale, 1.0)  # the triangle's half-width, in input pixels
+    first = np.empty(out_size, np.int64)
+    count = np.empty(out_size, np.int64)
+    weights = np.zeros((out_size, int(2 * support) + 3), np.float64)
+    for x in range(out_size):
+        center = (x + 0.5) * scale
+        lo = max(int(center - support + 0.5), 0)
+        hi = min(int(center + support + 0.5), in_size)
+        total = 0.0
+        for k in range(hi - lo):
+            w = max(0.0, 1.0 - abs((lo + k - center + 0.5) / support))
+            weights[x, k] = w
+            total += w
+        for k in range(hi - lo):
+            weights[x, k] /= total
+        first[x], count[x] = lo, hi - lo
+    return first, count, weights
+
+
+@_njit
+def resize_crop_antialias(image, i0, i1, j0, j1, dst):
+    """dst (H, W, 3 uint8) <- image[i0:i1, j0:j1] resampled with antialias_weights: rows first,
+    then columns, in float64, rounded once at the end (torchvision rounds the same sums)."""
+    out_h, out_w = dst.shape[0], dst.shape[1]
+    fx, cx, wx = antialias_weights(j1 - j0, out_w)
+    fy, cy, wy = antialias_weights(i1 - i0, out_h)
+    tmp = np.empty((i1 - i0, out_w, 3), np.float64)
+    for r in range(i1 - i0):
+        for x in range(out_w):
+            for c in range(3):
+                acc = 0.0
+                for k in range(cx[x]):
+                    acc += wx[x, k] * image[i0 + r, j0 + fx[x] + k, c]
+                tmp[r, x, c] = acc
+    for y in range(out_h):
+        for x in range(out_w):
+            for c in range(3):
+                acc = 0.0
+                for k in range(cy[y]):
+                    acc += wy[y, k] * tmp[fy[y] + k, x, c]
+                dst[y, x, c] = min(255, max(0, int(acc + 0.5)))
+
+
+@_njit
 def hflip_(img):
     h, w, c = img.shape
     for y in range(h):
@@ -517,7 +570,8 @@ class GaussianNoise(_BatchOp):
 
 class RandomResizedCrop(RandomResizedCropRGBImageDecoder):
     """ffcv's RandomResizedCropRGBImageDecoder (decode, crop and resize in one pass), with the
-    crop boxes drawn from our counter-based generator so that they can be reproduced."""
+    crop boxes drawn from our counter-based generator so that they can be reproduced, and the
+    crop resampled as torchvision's RandomResizedCrop does (resize_crop_antialias)."""
 
     def __init__(self, output_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), seed=0):
         super().__init__(output_size, scale, ratio)
@@ -532,10 +586,8 @@ class RandomResizedCrop(RandomResizedCropRGBImageDecoder):
         mem_read = self.memory_read
         loop = Compiler.get_iterator()
         imdecode_c = Compiler.compile(imdecode)
-        resize_crop_c = Compiler.compile(resize_crop)
         box_c = self.box_function()
-        scale = np.array(self.scale, np.float64)
-        log_ratio = np.log(np.array(self.ratio, np.float64))
+        scale, log_ratio = self.box_parameters()
         seed, anchor_seed = np.uint64(self.seed), np.uint64(self.anchor_seed)
 
         def decode(batch_indices, my_storage, metadata, storage_state):
@@ -555,17 +607,41 @@ class RandomResizedCrop(RandomResizedCropRGBImageDecoder):
                     image = image_data.reshape(height, width, 3)
                 i, j, h, w = box_c(sample_key(key, k), sample_key(anchor_key, k), int(height),
                                    int(width), scale, log_ratio)
-                resize_crop_c(image, i, i + h, j, j + w, destination[k])
+                resize_crop_antialias(image, i, i + h, j, j + w, destination[k])
             return destination[:len(batch_indices)]
 
         decode.is_parallel = True
         return decode
+
+    def box_parameters(self) -> tuple[np.ndarray, np.ndarray]:
+        return np.array(self.scale, np.float64), np.log(np.array(self.ratio, np.float64))
 
     @staticmethod
     def box_function():
         @_njit
         def box(key, anchor_key, height, width, scale, log_ratio):
             return random_crop_box(key, height, width, scale, log_ratio)
+
+        return box
+
+
+class CenterCrop(RandomResizedCrop):
+    """The evaluation crop: the centred square of side int(crop_ratio x the short side), as
+    ffcv's CenterCropRGBImageDecoder, resampled as torchvision's Resize (antialiased)."""
+
+    def __init__(self, output_size, crop_ratio: float = 1.0):
+        super().__init__(output_size)
+        self.crop_ratio = crop_ratio
+
+    def box_parameters(self) -> tuple[np.ndarray, np.ndarray]:
+        return np.array([self.crop_ratio, self.crop_ratio], np.float64), np.zeros(2, np.float64)
+
+    @staticmethod
+    def box_function():
+        @_njit
+        def box(key, anchor_key, height, width, scale, log_ratio):
+            side = int(scale[0] * min(height, width))
+            return (height - side) // 2, (width - side) // 2, side, side
 
         return box
 
@@ -983,7 +1059,7 @@ def make_eval_loader(beton: str, resolution: int, batch_size: int, num_workers: 
     device = torch.device(device)
     on_gpu = device.type == "cuda"
     pipelines = {
-        "image": [CenterCropRGBImageDecoder((resolution, resolution), crop_ratio)]
+        "image": [CenterCrop((resolution, resolution), crop_ratio)]
         + _to_output(device, normalize, on_gpu),
         "label": _label_pipeline(device, on_gpu),
     }

@@ -7,7 +7,12 @@
 Features of the train and validation .beton files (centre crop, no augmentation) are extracted
 once and cached next to the backbone, so trying heads takes seconds. `--augment` instead trains
 the heads on randomly cropped and flipped views, as the standard linear evaluation does (slower:
-the backbone runs every epoch). Prints top-1 / top-5 and saves them to probe_<name>.json.
+the backbone runs every epoch). Prints top-1 / top-5 and saves them to probe_<name>.json
+(probe_random_init_seed<seed>.json for --random-init: baselines of several seeds side by side).
+
+No tuning on the test split: each head's hyper-parameters (learning rate and weight decay; k for
+k-NN) are chosen on a holdout of the training images (--holdout, drawn with --seed), the chosen
+head is then fit on all the training images and the validation (test) split is scored once.
 """
 
 import hashlib
@@ -54,14 +59,17 @@ class Args:
     """Hidden widths of the MLP head (Linear-BN-ReLU each)."""
     epochs: int = 30
     """Epochs of head training."""
-    lr: float = 1e-3
-    """AdamW learning rate of the heads (cosine decay)."""
-    weight_decay: float = 5e-4
-    """AdamW weight decay of the heads."""
+    lr: tuple[float, ...] = (1e-3, 1e-2)
+    """AdamW learning rates tried (cosine decay); the best on the holdout is kept."""
+    weight_decay: tuple[float, ...] = (5e-4, 5e-2)
+    """AdamW weight decays tried, with each learning rate."""
     batch_size: int = 1024
     """Batch of the heads' training."""
-    knn_k: int = 20
-    """Neighbours that vote in k-NN."""
+    knn_k: tuple[int, ...] = (10, 20, 50)
+    """Neighbours that vote in k-NN, tried on the holdout."""
+    holdout: float = 0.1
+    """Fraction of the training images held out to choose the hyper-parameters above (0: no
+    holdout; then each must have a single value)."""
     knn_temperature: float = 0.07
     """k-NN votes weighted by exp(cosine similarity / T) (Wu et al. 2018)."""
     augment: bool = False
@@ -91,11 +99,14 @@ def validate(args: Args) -> None:
         ("--heads", args.heads, len(args.heads) >= 1, "one or more of linear, mlp, knn"),
         ("--mlp-dims", args.mlp_dims, min(args.mlp_dims, default=1) >= 1, "widths >= 1"),
         ("--epochs", args.epochs, args.epochs >= 1, "an integer >= 1"),
-        ("--lr", args.lr, args.lr > 0, "> 0"),
-        ("--weight-decay", args.weight_decay, args.weight_decay >= 0, ">= 0"),
+        ("--lr", args.lr, len(args.lr) >= 1 and min(args.lr, default=0) > 0, "values > 0"),
+        ("--weight-decay", args.weight_decay, len(args.weight_decay) >= 1 and min(
+            args.weight_decay, default=0) >= 0, "values >= 0"),
+        ("--holdout", args.holdout, 0 <= args.holdout < 1, "a fraction in [0, 1)"),
         ("--batch-size", args.batch_size, args.batch_size >= 2,
          "an integer >= 2 (the heads' BatchNorm needs two images)"),
-        ("--knn-k", args.knn_k, args.knn_k >= 1, "an integer >= 1"),
+        ("--knn-k", args.knn_k, len(args.knn_k) >= 1 and min(args.knn_k, default=0) >= 1,
+         "integers >= 1"),
         ("--knn-temperature", args.knn_temperature, args.knn_temperature > 0, "> 0"),
         ("--train-subset", args.train_subset, args.train_subset >= 0, ">= 0 (0: all images)"),
         ("--num-workers", args.num_workers, args.num_workers >= 1, "an integer >= 1"),
@@ -103,10 +114,16 @@ def validate(args: Args) -> None:
         ("--out", args.out, not os.path.isdir(args.out), "a file name, not a folder"),
     ]
     for flag, value, allowed, what in rules:
-        if isinstance(value, float) and not math.isfinite(value):
+        numbers = value if isinstance(value, tuple) else (value,)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
             allowed = False
         if not allowed:
             raise ValueError(f"{flag} {value}: must be {what}")
+    grid = len(args.lr) * len(args.weight_decay) > 1 or len(args.knn_k) > 1
+    if args.holdout == 0 and grid:
+        raise ValueError(f"--holdout 0 with several values to choose from (--lr {args.lr}, "
+                         f"--weight-decay {args.weight_decay}, --knn-k {args.knn_k}): give one "
+                         f"value each, or a holdout fraction such as 0.1")
 
 
 # The CIFAR-style stem (3x3 conv, stride 1, no max-pool), for a plain state dict without
@@ -223,11 +240,11 @@ def topk(logits: torch.Tensor, y: torch.Tensor) -> dict:
             "top5": (top5 == y[:, None]).any(1).float().mean().item()}
 
 
-def train_head(kind, args, width, batches, val_x, val_y, steps_per_epoch):
+def train_head(kind, args, width, batches, val_x, val_y, steps_per_epoch, lr, weight_decay):
     """AdamW with cosine decay; `batches()` yields (features, labels) for one epoch."""
     torch.manual_seed(args.seed)
     head = make_head(kind, width, args)
-    opt = torch.optim.AdamW(head.parameters(), args.lr, weight_decay=args.weight_decay)
+    opt = torch.optim.AdamW(head.parameters(), lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.epochs * steps_per_epoch)
     for _ in range(args.epochs):
         head.train()
@@ -291,12 +308,43 @@ def main(args: Args) -> dict:
                "bf16": bf16, "train_images": len(train_y), "val_images": len(val_y),
                "augment": args.augment}
     generator = torch.Generator().manual_seed(args.seed)
+    # The holdout that chooses the hyper-parameters: a seeded share of the training images.
+    order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(args.seed))
+    n_hold = int(args.holdout * len(train_y))
+    hold, fit = order[:n_hold], order[n_hold:]
+    if args.holdout and (n_hold < 1 or len(fit) < 2):
+        raise ValueError(f"--holdout {args.holdout} of {len(train_y)} training images leaves "
+                         f"{n_hold} to choose with and {len(fit)} to fit; use more images")
 
-    def cached_batches():
-        order = torch.randperm(len(train_y), generator=generator)
-        for idx in order.split(args.batch_size):
-            if len(idx) >= 2:  # a last batch of one would break the heads' BatchNorm
-                yield train_x[idx], train_y[idx]
+    def batches_of(x, y):
+        def batches():
+            order = torch.randperm(len(y), generator=generator)
+            for idx in order.split(args.batch_size):
+                if len(idx) >= 2:  # a last batch of one would break the heads' BatchNorm
+                    yield x[idx], y[idx]
+        return batches, -(-len(y) // args.batch_size)
+
+    def choose(kind) -> dict:
+        """The hyper-parameters with the best holdout top-1 (the first of equals)."""
+        if kind == "knn":
+            grid = [{"k": k} for k in args.knn_k]
+        else:
+            grid = [{"lr": lr, "weight_decay": wd} for lr in args.lr for wd in args.weight_decay]
+        if len(grid) == 1:
+            return {**grid[0], "holdout_top1": None}
+        fit_batches, fit_steps = batches_of(train_x[fit], train_y[fit])
+        scores = []
+        for hp in grid:
+            if kind == "knn":
+                res = knn(train_x[fit], train_y[fit], train_x[hold], train_y[hold], hp["k"],
+                          args.knn_temperature, args.num_classes)
+            else:
+                res = train_head(kind, args, width, fit_batches, train_x[hold], train_y[hold],
+                                 fit_steps, **hp)
+            scores.append(res["top1"])
+        best = max(range(len(grid)), key=lambda i: (scores[i], -i))
+        return {**grid[best], "holdout_top1": scores[best],
+                "holdout_grid": [{**hp, "top1": sc} for hp, sc in zip(grid, scores)]}
 
     def augmented_batches():
         for x, y in aug_loader:
@@ -314,20 +362,26 @@ def main(args: Args) -> dict:
                                                             args.seed))
         batches, steps = augmented_batches, len(aug_loader)
     else:
-        batches, steps = cached_batches, -(-len(train_y) // args.batch_size)
+        batches, steps = batches_of(train_x, train_y)
     for kind in args.heads:
+        chosen = choose(kind)  # on the holdout; then fit on every training image, test once
+        hp = {k: v for k, v in chosen.items() if not k.startswith("holdout")}
         if kind == "knn":
-            results["knn"] = knn(train_x, train_y, val_x, val_y, args.knn_k, args.knn_temperature,
+            results["knn"] = knn(train_x, train_y, val_x, val_y, hp["k"], args.knn_temperature,
                                  args.num_classes)
         else:
-            results[kind] = train_head(kind, args, width, batches, val_x, val_y, steps)
+            results[kind] = train_head(kind, args, width, batches, val_x, val_y, steps, **hp)
+        results[kind]["chosen"] = chosen
         top5 = (f"  top-5 {100 * results[kind]['top5']:.2f}%" if "top5" in results[kind]
                 else "")
-        print(f"{kind:>6} probe: top-1 {100 * results[kind]['top1']:.2f}%{top5}", flush=True)
+        held = (f" (chosen on the holdout: {100 * chosen['holdout_top1']:.2f}%)"
+                if chosen["holdout_top1"] is not None else "")
+        print(f"{kind:>6} probe: top-1 {100 * results[kind]['top1']:.2f}%{top5}  "
+              f"{', '.join(f'{k} {v:g}' for k, v in hp.items())}{held}", flush=True)
     results["seconds"] = time.time() - start
     out = args.out or os.path.join(os.path.dirname(args.backbone) or ".", "probe_" + (
-        "random_init" if args.random_init else os.path.splitext(os.path.basename(args.backbone))[0])
-        + ".json")
+        f"random_init_seed{args.seed}" if args.random_init
+        else os.path.splitext(os.path.basename(args.backbone))[0]) + ".json")
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out + ".tmp", "w") as f:
         json.dump({**results, "args": asdict(args)}, f, indent=1)

@@ -18,6 +18,7 @@ network with random weights; MLP probe 88.3% against 87.3%; k-NN 82.8% against 8
 """
 
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -65,14 +66,25 @@ class Args:
     # ---- model ----
     arch: str = "resnet18"
     """Any torchvision ResNet: resnet18/34/50/101/152, resnext*, wide_resnet*."""
-    stem: Literal["auto", "small", "imagenet"] = "auto"
-    """small: 3x3 conv stride 1, no max-pool (CIFAR-style); auto: small when the views are
-    64 px or less, since the ImageNet stem divides the resolution by 4 before the first block."""
+    stem: Literal["auto", "small", "small-stride2", "imagenet"] = "auto"
+    """small: 3x3 conv stride 1, no max-pool (CIFAR-style); small-stride2: the same conv with
+    stride 2 (4x fewer positions in every block: ~3x cheaper steps at 28 px); imagenet: 7x7
+    stride 2 + max-pool; auto: small when the views are 64 px or less, since the ImageNet stem
+    divides the resolution by 4 before the first block."""
+    zero_init_residual: bool = True
+    """Start each residual block's last BatchNorm at zero (the official codes do): every block
+    starts as the identity. --no-zero-init-residual keeps torchvision's default init."""
     projector_dims: tuple[int, ...] = (8192, 8192, 8192)
     """Projector MLP widths after the backbone: hidden layers Linear-BN-ReLU, last Linear."""
     # ---- optimisation ----
     epochs: int = 100
-    """Passes over the training set; the learning-rate schedule spans all of them."""
+    """Passes over the training set; the learning-rate schedule spans all of them (with
+    --time-budget-min: the most epochs trained)."""
+    time_budget_min: float = 0.0
+    """Train for this many minutes of wall-clock instead (0: off): warm-up and cosine decay run
+    over the fraction of the budget used, so any machine ends its schedule on time; evaluation,
+    checkpoints and the loader's start-up are not counted. The steps trained then depend on the
+    machine's speed: a budgeted run is not bit-reproducible (log.jsonl has each step's lr)."""
     batch_size: int = 256
     """Global batch (split over DDP processes)."""
     optimizer: Literal["lars", "sgd", "adamw"] = "lars"
@@ -86,7 +98,8 @@ class Args:
     lars_eta: float = 0.001
     """LARS trust coefficient."""
     warmup_epochs: float = 10
-    """Linear warm-up, then cosine decay to 0."""
+    """Linear warm-up, then cosine decay to 0 (with --time-budget-min: warm-up over the fraction
+    warmup_epochs / epochs of the budget)."""
     probe_lr: float = 1e-3
     """Online linear probe (AdamW, its own optimiser)."""
     # ---- loss ----
@@ -121,13 +134,16 @@ class Args:
     official code. torch has no CPU SyncBatchNorm: CPU processes normalise over their own share."""
     tensorboard: bool = False
     """Also log to TensorBoard (needs the tensorboard package)."""
+    wandb: bool = False
+    """Also log to Weights & Biases (needs the wandb package; WANDB_MODE=offline logs to disk
+    without an account or a network). The run's id is stable per --out-dir: resumes continue it."""
     max_steps: int = 0
     """Stop after this many steps in all (0: no limit), with a checkpoint; for smoke tests."""
 
 
 # Settings that do not change what is trained: a run may resume with other values of these.
 RUN_ONLY = ("num_workers", "out_dir", "resume", "checkpoint_every_min", "device", "compile",
-            "tensorboard", "max_steps")
+            "tensorboard", "wandb", "max_steps")
 
 
 def validate(args: Args) -> None:
@@ -156,6 +172,8 @@ def validate(args: Args) -> None:
          ">= 0 (0: at the end of each epoch only)"),
         ("--seed", args.seed, 0 <= args.seed < 2**32, "an integer in [0, 2^32)"),
         ("--max-steps", args.max_steps, args.max_steps >= 0, ">= 0 (0: no limit)"),
+        ("--time-budget-min", args.time_budget_min, args.time_budget_min >= 0,
+         ">= 0 minutes (0: train --epochs epochs)"),
         # ALGO LOGIC: the method's own settings
         ("--sim-coeff", args.sim_coeff, args.sim_coeff >= 0, ">= 0 (the paper: 25)"),
         ("--std-coeff", args.std_coeff, args.std_coeff >= 0, ">= 0 (the paper: 25)"),
@@ -178,17 +196,23 @@ RESNETS = [n for n in torchvision.models.list_models(module=torchvision.models)
            if n.startswith(("resnet", "resnext", "wide_resnet"))]
 
 
-def make_backbone(arch: str, small_stem: bool) -> tuple[nn.Module, int]:
+def make_backbone(arch: str, stem: str, zero_init_residual: bool = True) -> tuple[nn.Module, int]:
     """A torchvision ResNet without its classifier; returns it and its feature width."""
     if arch not in RESNETS:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(RESNETS)}")
-    net = torchvision.models.get_model(arch, weights=None)
+    net = torchvision.models.get_model(arch, weights=None, zero_init_residual=zero_init_residual)
     width = net.fc.in_features
     net.fc = nn.Identity()
-    if small_stem:
-        net.conv1 = nn.Conv2d(3, net.conv1.out_channels, 3, 1, 1, bias=False)
+    if stem in ("small", "small-stride2"):
+        stride = 1 if stem == "small" else 2
+        net.conv1 = nn.Conv2d(3, net.conv1.out_channels, 3, stride, 1, bias=False)
         net.maxpool = nn.Identity()
     return net, width
+
+
+def resolve_stem(stem: str, resolution: int) -> str:
+    """--stem auto: the small stem for views of 64 px or less, the ImageNet stem above."""
+    return ("small" if resolution <= 64 else "imagenet") if stem == "auto" else stem
 
 
 def stem_spec(net: nn.Module) -> dict:
@@ -198,12 +222,13 @@ def stem_spec(net: nn.Module) -> dict:
                       "padding": c.padding[0]}, "maxpool": isinstance(net.maxpool, nn.MaxPool2d)}
 
 
-def mlp(dims: tuple[int, ...]) -> nn.Sequential:
+def mlp(dims: tuple[int, ...], last_bias: bool = True) -> nn.Sequential:
+    """Linear-BN-ReLU for each hidden width, then a Linear (with a bias if `last_bias`)."""
     layers = []
     for i in range(len(dims) - 2):
         layers += [nn.Linear(dims[i], dims[i + 1], bias=False), nn.BatchNorm1d(dims[i + 1]),
                    nn.ReLU(inplace=True)]
-    layers.append(nn.Linear(dims[-2], dims[-1]))
+    layers.append(nn.Linear(dims[-2], dims[-1], bias=last_bias))
     return nn.Sequential(*layers)
 
 
@@ -215,14 +240,16 @@ def probe_loss_of(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 class VICReg(nn.Module):
-    def __init__(self, args: Args, small_stem: bool):
+    def __init__(self, args: Args, stem: str):
         super().__init__()
-        self.backbone, width = make_backbone(args.arch, small_stem)
-        self.projector = mlp((width, *args.projector_dims))
+        self.backbone, width = make_backbone(args.arch, stem, args.zero_init_residual)
+        # No bias on the last layer (the official code): the loss standardises or centres z.
+        self.projector = mlp((width, *args.projector_dims), last_bias=False)
         self.probe = nn.Linear(width, args.num_classes)
         self.coeffs = (args.sim_coeff, args.std_coeff, args.cov_coeff)
 
     def forward(self, x1, x2, y):
+        # Each view through the network alone (the official code): BatchNorm per view.
         h1, h2 = self.backbone(x1), self.backbone(x2)  # (B, width)
         z1, z2 = self.projector(h1).float(), self.projector(h2).float()
         # The loss in fp32: under bf16 autocast its matmuls and sums would run in bf16.
@@ -315,12 +342,13 @@ def make_optimizer(args: Args, model: nn.Module, lr: float) -> torch.optim.Optim
     return torch.optim.AdamW(groups, lr, weight_decay=args.weight_decay)
 
 
-def learning_rate(step: int, total_steps: int, warmup_steps: int, peak: float) -> float:
-    """Linear warm-up from 0 to `peak` over `warmup_steps`, then cosine decay to 0."""
-    if step < warmup_steps:
-        return peak * (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+def learning_rate(progress: float, warmup: float, peak: float) -> float:
+    """`progress`: the fraction of training done (steps, or minutes of --time-budget-min).
+    Linear warm-up from 0 to `peak` over the first `warmup` of it, then cosine decay to 0."""
+    if progress < warmup:
+        return peak * progress / warmup
+    after = (progress - warmup) / max(1e-12, 1 - warmup)
+    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, after)))
 
 
 def set_learning_rates(args: Args, optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -330,20 +358,64 @@ def set_learning_rates(args: Args, optimizer: torch.optim.Optimizer, lr: float) 
 
 # ----------------------------------------------------------------------------------------------
 # Evaluation and logging
-# ----------------------------------------------------------------------------------------------
+MONITOR_IMAGES = 10_000  # validation images for the k-NN and RankMe monitors
+
+
 @torch.no_grad()
-def probe_accuracy(model: nn.Module, loader, device, bf16: bool) -> float:
-    """Top-1 of the online probe on the validation set; under DDP over every process's share."""
+def evaluate(model: nn.Module, loader, device, bf16: bool) -> dict:
+    """The epoch's monitors on the validation set: the online linear probe's top-1 (every
+    image, every process's share), and on the features of the first MONITOR_IMAGES images
+    (gathered from every process): k-NN top-1 and RankMe."""
     model.eval()
     correct = torch.zeros(2, device=device)  # (correct, seen)
+    feats, labels, kept = [], [], 0
     for x, y in loader:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model.probe(model.backbone(x))
+            h = model.backbone(x)
+            logits = model.probe(h)
         correct += torch.stack([(logits.argmax(1) == y).sum(), torch.tensor(len(y), device=device)])
+        if kept < MONITOR_IMAGES:
+            feats.append(h.float()[:MONITOR_IMAGES - kept])
+            labels.append(y[:MONITOR_IMAGES - kept].clone())  # ffcv reuses its buffers
+            kept += len(feats[-1])
+    feats, labels = torch.cat(feats), torch.cat(labels)
     if dist.is_initialized():
         dist.all_reduce(correct)
+        shares = [None] * dist.get_world_size()
+        dist.all_gather_object(shares, (feats.cpu(), labels.cpu()))
+        feats = torch.cat([f for f, _ in shares])[:MONITOR_IMAGES].to(device)
+        labels = torch.cat([y for _, y in shares])[:MONITOR_IMAGES].to(device)
     model.train()
-    return (correct[0] / correct[1]).item()
+    return {"probe_acc": (correct[0] / correct[1]).item(),
+            "knn_acc": knn_leave_one_out(feats, labels), "rankme": rankme(feats)}
+
+
+def knn_leave_one_out(feats: torch.Tensor, labels: torch.Tensor, k: int = 20,
+                      temperature: float = 0.07) -> float:
+    """Top-1 of weighted k-NN (Wu et al. 2018, as solo-learn and lightly monitor): each image is
+    classified by the votes exp(cosine / T) of its k nearest other images of the set."""
+    feats = F.normalize(feats, dim=1)
+    k = min(k, len(feats) - 1)
+    classes = int(labels.max()) + 1
+    correct = 0
+    for start in range(0, len(feats), 1024):
+        sim = feats[start:start + 1024] @ feats.T  # (chunk, N)
+        rows = torch.arange(len(sim), device=feats.device)
+        sim[rows, rows + start] = -float("inf")  # not its own neighbour
+        top, idx = sim.topk(k, dim=1)
+        votes = torch.zeros(len(sim), classes, device=feats.device)
+        votes.scatter_add_(1, labels[idx], (top / temperature).exp())
+        correct += (votes.argmax(1) == labels[start:start + 1024]).sum().item()
+    return correct / len(feats)
+
+
+def rankme(feats: torch.Tensor, eps: float = 1e-7) -> float:
+    """RankMe (Garrido, Balestriero, Najman, LeCun, ICML 2023, eq. 1): exp of the entropy of the
+    normalised singular values of the (N, d) feature matrix, an effective rank between 1 and
+    min(N, d) that needs no labels: it tracks downstream accuracy and falls on collapse."""
+    s = torch.linalg.svdvals(feats.double())
+    p = s / s.sum() + eps
+    return math.exp(-(p * p.log()).sum().item())
 
 
 def global_mean(values: torch.Tensor) -> torch.Tensor:
@@ -362,12 +434,21 @@ def plot_curves(log_path: str, png_path: str) -> None:
     import matplotlib.pyplot as plt
 
     rows = [json.loads(line) for line in open(log_path)]
+    steps = [r for r in rows if "probe_acc" not in r]
     epochs = [r for r in rows if "probe_acc" in r]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    axes[0].plot([r["epoch"] for r in epochs], [r["loss"] for r in epochs], marker="o")
-    axes[0].set(xlabel="epoch", ylabel=f"{METHOD} loss")
-    axes[1].plot([r["epoch"] for r in epochs], [100 * r["probe_acc"] for r in epochs], marker="o")
-    axes[1].set(xlabel="epoch", ylabel="online linear probe top-1 (%)")
+    fig, axes = plt.subplots(1, 4, figsize=(18, 3.5))
+    axes[0].plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=1)
+    axes[0].plot([r["step"] for r in epochs], [r["loss"] for r in epochs], "o", label="epoch")
+    axes[0].set(xlabel="step", ylabel=f"{METHOD} loss")
+    x = [r["epoch"] for r in epochs]
+    axes[1].plot(x, [100 * r["probe_acc"] for r in epochs], marker="o", label="linear probe")
+    axes[1].plot(x, [100 * r["knn_acc"] for r in epochs], marker="s", label="k-NN (k=20)")
+    axes[1].set(xlabel="epoch", ylabel="online val top-1 (%)")
+    axes[1].legend()
+    axes[2].plot(x, [r["rankme"] for r in epochs], marker="o")
+    axes[2].set(xlabel="epoch", ylabel="RankMe of the features")
+    axes[3].plot([r["step"] for r in steps], [r["lr"] for r in steps], lw=1)
+    axes[3].set(xlabel="step", ylabel="learning rate")
     fig.tight_layout()
     fig.savefig(png_path + ".tmp.png", dpi=100)
     os.replace(png_path + ".tmp.png", png_path)
@@ -446,7 +527,7 @@ def flat_settings(settings: dict, prefix: str = "") -> dict:
 
 
 CHECKPOINT_KEYS = {"model", "optimizer", "probe_optimizer", "epoch", "batch", "step", "sums",
-                   "rng", "args", "log_bytes", "method"}
+                   "rng", "args", "log_bytes", "method", "elapsed"}
 
 
 def load_checkpoint(path: str, args: Args) -> dict:
@@ -490,13 +571,15 @@ def catch_preemption() -> dict:
     return caught
 
 
-def stop_requested(caught: dict, device: torch.device) -> bool:
-    """Whether any process caught a signal: under DDP every process stops at the same step."""
+def agree(caught: dict, elapsed: float, device: torch.device) -> tuple[bool, float]:
+    """Whether any process caught a signal, and the training time so far (the longest over the
+    processes): under DDP every process takes the same learning rate and stops at the same
+    step."""
     if not dist.is_initialized():
-        return "signal" in caught
-    flag = torch.tensor(["signal" in caught], dtype=torch.float32, device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # a small sync point, once per step
-    return flag.item() > 0
+        return "signal" in caught, elapsed
+    values = torch.tensor(["signal" in caught, elapsed], dtype=torch.float64, device=device)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)  # a small sync point, once per step
+    return values[0].item() > 0, values[1].item()
 
 
 def check_replicas(model: nn.Module) -> int:
@@ -517,6 +600,9 @@ def check_replicas(model: nn.Module) -> int:
 # ----------------------------------------------------------------------------------------------
 def main(args: Args) -> dict:
     validate(args)
+    for wanted, package in ((args.tensorboard, "tensorboard"), (args.wandb, "wandb")):
+        if wanted and importlib.util.find_spec(package) is None:  # before anything slow
+            raise ValueError(f"--{package} needs the {package} package: pip install {package}")
     device, rank, world = setup_processes(args)
     main_process, distributed = rank == 0, world > 1 or dist.is_initialized()
     local_batch = args.batch_size // world
@@ -531,13 +617,13 @@ def main(args: Args) -> dict:
     check_labels(args.val_beton, args.num_classes, unlabelled_ok=False)
     torch.manual_seed(args.seed)
     bf16 = args.precision == "bf16" or (args.precision == "auto" and bf16_is_fast(device))
-    small_stem = args.stem == "small" or (args.stem == "auto" and args.view1.resolution <= 64)
+    stem = resolve_stem(args.stem, args.view1.resolution)
     ckpt_path = os.path.join(args.out_dir, "checkpoint.pt")
     log_path = os.path.join(args.out_dir, "log.jsonl")
     resuming = args.resume and os.path.exists(ckpt_path)
     ckpt = load_checkpoint(ckpt_path, args) if resuming else None  # before anything slow
     sync_bn = distributed and args.sync_bn and device.type == "cuda"
-    resolved = {"device": str(device), "world": world, "bf16": bf16, "small_stem": small_stem,
+    resolved = {"device": str(device), "world": world, "bf16": bf16, "stem": stem,
                 "sync_bn": sync_bn}
     if main_process:
         os.makedirs(args.out_dir, exist_ok=True)
@@ -559,7 +645,7 @@ def main(args: Args) -> dict:
                                   distributed, device)
 
     # Model and optimisers
-    model = VICReg(args, small_stem).to(device, memory_format=torch.channels_last)
+    model = VICReg(args, stem).to(device, memory_format=torch.channels_last)
     if sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     ssl_params = nn.ModuleList([model.backbone, model.projector])
@@ -568,15 +654,16 @@ def main(args: Args) -> dict:
     probe_optimizer = torch.optim.AdamW(model.probe.parameters(), args.probe_lr)
     steps_per_epoch = len(train_loader)
     total_steps = args.epochs * steps_per_epoch
-    warmup_steps = int(args.warmup_epochs * steps_per_epoch)
+    budget_s, warmup = 60 * args.time_budget_min, args.warmup_epochs / args.epochs
 
     # Where to start: a checkpoint may be mid-epoch (its `batch` batches of that epoch are done).
-    epoch, batch, step, sums = 0, 0, 0, None
+    epoch, batch, step, sums, elapsed = 0, 0, 0, None, 0.0  # elapsed: seconds of training
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         probe_optimizer.load_state_dict(ckpt["probe_optimizer"])
         epoch, batch, step, sums = ckpt["epoch"], ckpt["batch"], ckpt["step"], ckpt["sums"]
+        elapsed = ckpt["elapsed"]
         torch.set_rng_state(ckpt["rng"].cpu())  # a CPU tensor whatever map_location said
         if main_process:
             with open(log_path, "a") as f:  # forget what was logged after the checkpoint
@@ -597,13 +684,20 @@ def main(args: Args) -> dict:
             raise ValueError("--tensorboard needs the tensorboard package: pip install "
                              "tensorboard") from err
         writer = SummaryWriter(args.out_dir)
+    wandb_run = None
+    if args.wandb and main_process:
+        import wandb
+
+        run_id = hashlib.sha256(os.path.abspath(args.out_dir).encode()).hexdigest()[:16]
+        wandb_run = wandb.init(project="jessl", name=f"{METHOD} {args.out_dir}", id=run_id,
+                               dir=args.out_dir, config=asdict(args), resume="allow")
 
     def save(epoch: int, batch: int) -> None:
         if main_process:
             save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "probe_optimizer": probe_optimizer.state_dict(), "epoch": epoch,
                          "batch": batch, "step": step, "sums": sums, "rng": torch.get_rng_state(),
-                         "args": asdict(args), "method": METHOD,
+                         "args": asdict(args), "method": METHOD, "elapsed": elapsed,
                          "log_bytes": os.path.getsize(log_path) if os.path.exists(log_path)
                          else 0}, ckpt_path)
 
@@ -613,13 +707,17 @@ def main(args: Args) -> dict:
                 f.write(json.dumps(record) + "\n")
 
     caught, saved_at, stop, result = catch_preemption(), time.time(), False, {}
-    while epoch < args.epochs and not stop:
+    spent = bool(budget_s) and elapsed >= budget_s  # the time budget is used up
+    while epoch < args.epochs and not stop and not spent:
         train_loader.next_epoch, train_loader.skip_batches = epoch, batch  # this epoch's order
         bar = tqdm(train_loader, desc=f"epoch {epoch}", total=steps_per_epoch, initial=batch,
                    disable=not main_process, leave=False)
         start, first_batch = time.time(), batch
         for x1, x2, y in bar:
-            lr = learning_rate(step, total_steps, warmup_steps, peak_lr)
+            if batch == first_batch:  # the loader's start-up (pipeline compilation) is not
+                tick = time.time()  # counted in the budget
+            progress = elapsed / budget_s if budget_s else step / total_steps
+            lr = learning_rate(progress, warmup, peak_lr)
             set_learning_rates(args, optimizer, lr)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 loss, probe_loss, terms = net(x1, x2, y)
@@ -639,33 +737,42 @@ def main(args: Args) -> dict:
                         f"(the last good checkpoint, if any, is kept in {ckpt_path})")
                 bar.set_postfix(loss=f"{value:.3f}", lr=f"{lr:.3g}")
                 log({"step": step, "loss": value, "lr": lr})
-            stop = bool(args.max_steps and step >= args.max_steps) or stop_requested(caught, device)
+            signalled, elapsed = agree(caught, elapsed + time.time() - tick, device)
+            tick = time.time()
+            spent = bool(budget_s) and elapsed >= budget_s  # ends the epoch (and the training)
+            stop = bool(args.max_steps and step >= args.max_steps) or signalled
             due = 0 < args.checkpoint_every_min * 60 <= time.time() - saved_at
-            if (stop or due) and batch < steps_per_epoch:  # the epoch's end saves its own
+            if (stop or due) and batch < steps_per_epoch and not spent:  # epoch end saves
                 save(epoch, batch)
-                saved_at = time.time()
-            if stop:
+                saved_at = tick = time.time()
+            if stop or spent:
                 break
-        if batch < steps_per_epoch:
+        if batch < steps_per_epoch and not spent:
             break  # stopped mid-epoch, checkpoint saved
-        means = (global_mean(sums) / steps_per_epoch).tolist()  # loss, then each term
+        means = (global_mean(sums) / batch).tolist()  # loss, then each term
         epoch_loss, term_means = means[0], dict(zip(terms, means[1:]))
         if not math.isfinite(epoch_loss):
             raise FloatingPointError(f"loss is {epoch_loss} in epoch {epoch}; lower --base-lr "
                                      f"(the last good checkpoint is kept in {ckpt_path})")
         images_per_s = (batch - first_batch) * args.batch_size / (time.time() - start)
-        acc = probe_accuracy(model, val_loader, device, bf16)
+        monitors = evaluate(model, val_loader, device, bf16)
         replicas = check_replicas(model) if distributed else 1
+        epochs_done = round(epoch + batch / steps_per_epoch, 4)  # < epoch + 1 if the budget ran out
         epoch, batch = epoch + 1, 0
-        result = {"epoch": epoch, "step": step, "loss": epoch_loss, **term_means, "lr": lr,
-                  "images_per_s": images_per_s, "probe_acc": acc, "replicas_equal": replicas}
+        result = {"epoch": epochs_done, "step": step, "loss": epoch_loss, **term_means, "lr": lr,
+                  "images_per_s": images_per_s, **monitors, "train_min": elapsed / 60,
+                  "replicas_equal": replicas}
         if main_process:
-            print(f"epoch {epoch}/{args.epochs} | loss {epoch_loss:.4f} | lr {lr:.4g} | "
-                  f"{images_per_s:.0f} img/s | online probe top-1 {100 * acc:.2f}%", flush=True)
+            print(f"epoch {epochs_done:g}/{args.epochs} | loss {epoch_loss:.4f} | lr {lr:.4g} | "
+                  f"{images_per_s:.0f} img/s | online probe {100 * monitors['probe_acc']:.2f}% | "
+                  f"k-NN {100 * monitors['knn_acc']:.2f}% | RankMe {monitors['rankme']:.1f} | "
+                  f"{elapsed / 60:.1f} min", flush=True)
             log(result)
             if writer:
                 for key, value in result.items():
                     writer.add_scalar(key, value, step)
+            if wandb_run:
+                wandb_run.log(result, step=step)
         save(epoch, batch)
         saved_at = time.time()
 
@@ -684,6 +791,8 @@ def main(args: Args) -> dict:
             plot_curves(log_path, os.path.join(args.out_dir, "curves.png"))
         if writer:
             writer.close()
+        if wandb_run:
+            wandb_run.finish()
     if distributed:
         dist.destroy_process_group()
     if "signal" in caught:

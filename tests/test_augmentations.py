@@ -362,3 +362,48 @@ def test_bad_settings_are_refused():
         C.RandomColorJitter(hue=0.7)
     with pytest.raises(ValueError, match="threshold"):
         C.RandomSolarization(300)
+
+
+# (top, left, height, width) of the crop and the output side: shrinking by up to 18x, keeping the
+# size, enlarging by up to 16x, non-square crops, boxes touching each border.
+CROP_CASES = [((10, 20, 290, 310), 96), ((0, 0, 512, 512), 28), ((0, 0, 512, 512), 224),
+              ((33, 40, 167, 83), 64), ((100, 50, 8, 8), 32), ((5, 7, 55, 33), 640),
+              ((480, 490, 32, 22), 32), ((200, 300, 40, 40), 40), ((0, 100, 512, 60), 17)]
+
+
+@pytest.mark.parametrize("box,side", CROP_CASES)
+def test_crop_resampling_matches_torchvision(box, side):
+    """The crop of every view and the evaluation centre crop: torchvision's resized_crop with
+    antialias=True (bilinear, antialiased when shrinking) on the same pixels, within one grey
+    level (its uint8 path rounds fixed-point sums; ours rounds float64 sums)."""
+    img = photos(512)[1]  # a real photo, 512 x 512 x 3
+    top, left, h, w = box
+    out = np.zeros((side, side, 3), np.uint8)
+    C.resize_crop_antialias(img, top, top + h, left, left + w, out)
+    ref = tv(img, TF.resized_crop, top, left, h, w, [side, side], TF.InterpolationMode.BILINEAR,
+             True)
+    assert_close(out, ref, max_off=1, max_share=0.02)
+
+
+def test_enlarged_crop_is_interpolated_not_repeated():
+    """An 8-pixel ramp enlarged 4x: bilinear gives ~30 distinct values (OpenCV's INTER_AREA,
+    which ffcv's decoder uses, repeats each pixel 4 times: 8 values)."""
+    ramp = np.repeat(np.repeat((np.arange(8) * 32).astype(np.uint8)[None, :, None], 8, 0), 3, 2)
+    out = np.zeros((32, 32, 3), np.uint8)
+    C.resize_crop_antialias(np.ascontiguousarray(ramp), 0, 8, 0, 8, out)
+    assert len(np.unique(out[0, :, 0])) >= 28
+    assert np.all(np.diff(out[0, :, 0].astype(int)) >= 0)  # still a ramp
+
+
+def test_antialias_weights_are_a_normalised_triangle():
+    first, count, weights = C.antialias_weights(100, 10)  # shrinking 10x: 10 px each side
+    assert np.allclose(weights.sum(1), 1) and count.max() <= 21
+    x = 5  # an inner output pixel: centre 55 in input coordinates, a symmetric triangle
+    w = weights[x, :count[x]]
+    assert np.allclose(w, w[::-1]) and np.argmax(w) in (count[x] // 2 - 1, count[x] // 2)
+    first, count, weights = C.antialias_weights(4, 8)  # enlarging: two neighbours, bilinear
+    assert count.max() <= 3
+    centre = (np.arange(8) + 0.5) / 2 - 0.5  # where each output pixel falls in input pixels
+    got = np.array([(weights[x, :count[x]] * (first[x] + np.arange(count[x]))).sum()
+                    for x in range(8)])
+    assert np.allclose(got, np.clip(centre, 0, 3))

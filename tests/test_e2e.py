@@ -29,6 +29,10 @@ def test_run_writes_logs_checkpoint_provenance_and_backbone(script, straight):
         assert math.isfinite(e["loss"]) and e["images_per_s"] > 0 and e["replicas_equal"] == 1
         # 100 validation images: an accuracy is a whole number of percent
         assert round(100 * e["probe_acc"], 3) == round(100 * e["probe_acc"])
+        assert round(100 * e["knn_acc"], 3) == round(100 * e["knn_acc"])
+        assert 1 <= e["rankme"] <= 100  # 100 images x 512 features: rank at most 100
+    # The tiny data's labels are its brightness levels: k-NN on any features finds them.
+    assert max(e["knn_acc"] for e in epochs) > 0.3
     if script == "vicreg.py":
         assert {"repr", "std", "cov"} <= set(epochs[-1])  # each term logged
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
@@ -59,7 +63,7 @@ def test_export_and_its_stem_description(script, straight):
     torch.manual_seed(0)
     init = module.__dict__[{"simclr.py": "SimCLR", "barlowtwins.py": "BarlowTwins",
                             "vicreg.py": "VICReg", "instance_simclr.py": "InstanceSimCLR"}[script]](
-        module.Args(projector_dims=(64, 32)), small_stem=True).backbone.state_dict()
+        module.Args(projector_dims=(64, 32)), "small").backbone.state_dict()
     trained = torch.load(out / "backbone.pt", weights_only=True)
     assert not torch.equal(init["layer1.0.conv1.weight"], trained["layer1.0.conv1.weight"])
 
@@ -81,7 +85,7 @@ def test_stopped_mid_epoch_and_resumed_gives_bit_identical_weights(script, beton
     assert same_weights(straight(script) / "backbone.pt", tmp_path / "backbone.pt")
     log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     ref = [json.loads(line) for line in open(straight(script) / "log.jsonl")]
-    drop = ("images_per_s",)
+    drop = ("images_per_s", "train_min")  # timings
     assert [{k: v for k, v in r.items() if k not in drop} for r in log] == [
         {k: v for k, v in r.items() if k not in drop} for r in ref]
 
@@ -126,3 +130,30 @@ def test_torchrun_two_cpu_processes_keep_identical_weights(script, betons, tmp_p
     assert "SyncBatchNorm needs GPUs" in run.stdout and '"sync_bn": false' in run.stdout
     epoch = [json.loads(line) for line in open(tmp_path / "log.jsonl") if "probe_acc" in line][0]
     assert epoch["replicas_equal"] == 2 and epoch["step"] == 5  # 320 images / (2 x 32) per step
+
+
+def test_time_budget_ends_the_schedule_on_time(betons, tmp_path, monkeypatch):
+    """--time-budget-min: the learning rate follows the fraction of the budget used (warm-up, then
+    cosine to ~0 when the budget is spent), training stops there mid-epoch with an evaluation and
+    an export, and the same command again finds the budget spent and trains nothing more. With
+    --wandb (offline: no account, no network) the epochs' monitors go to a local wandb run."""
+    budget_min = 0.15  # 9 s of training; the tiny data's epoch takes a few seconds
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run_method("simclr.py", betons, tmp_path, "--epochs", "100", "--warmup-epochs", "10",
+               "--time-budget-min", str(budget_min), "--wandb")
+    rows = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    epochs = [r for r in rows if "probe_acc" in r]
+    last = epochs[-1]
+    assert 1 <= len(epochs) < 100 and last["epoch"] < 100
+    assert budget_min <= last["train_min"] < budget_min + 0.1  # stopped after the step that
+    assert last["lr"] < 0.15 * 1.0 * 64 / 256  # spent it; the cosine ended near 0 (peak 0.25)
+    assert {"knn_acc", "rankme"} <= set(last) and (tmp_path / "backbone.pt").exists()
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert ckpt["elapsed"] >= 60 * budget_min and ckpt["step"] == last["step"]
+    again = run_method("simclr.py", betons, tmp_path, "--epochs", "100", "--warmup-epochs", "10",
+                       "--time-budget-min", str(budget_min))
+    assert "resumed from" in again.stdout and "loss" not in again.stdout.split("resumed from")[1]
+    assert [json.loads(line) for line in open(tmp_path / "log.jsonl")] == rows
+    records = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(records) == 1  # one run, not one per launch: the id is stable per out_dir
+    assert b"rankme" in records[0].read_bytes() and b"knn_acc" in records[0].read_bytes()

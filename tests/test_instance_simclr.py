@@ -98,13 +98,32 @@ def test_in_batch_ddp_equals_single_process():
 
 
 def test_recipes():
-    """noise: Gaussian noise and nothing else; simclr: SimCLR's flip, jitter, grayscale too.
-    Both crop with the patch settings."""
+    """noise: no augmentation in the loader (the noise is added on the device, below); simclr:
+    SimCLR's flip, jitter, grayscale. Both crop with the patch settings."""
     noise = patch_view(Args(noise_std=0.2, patch_scale=(0.1, 0.3), resolution=28))
-    assert [type(op) for op in noise.augmentations()] == [C.GaussianNoise]
-    assert (noise.noise_p, noise.noise_std, noise.crop_scale, noise.resolution) == (1.0, 0.2,
-                                                                                      (0.1, 0.3), 28)
+    assert noise.augmentations() == [] and noise.noise_p == 0
+    assert (noise.crop_scale, noise.resolution) == ((0.1, 0.3), 28)
     full = patch_view(Args(recipe="simclr", patch_scale=(0.1, 0.3)))
     assert [type(op) for op in full.augmentations()] == [
-        C.RandomHorizontalFlip, C.RandomColorJitter, C.RandomGrayscale, C.GaussianNoise]
+        C.RandomHorizontalFlip, C.RandomColorJitter, C.RandomGrayscale]
     assert full.crop_scale == (0.1, 0.3) and full.saturation == C.simclr_views()[0].saturation
+
+
+def test_noise_is_zero_mean_unclipped_and_reproducible():
+    """The paper's additive noise: N(0, std^2) in [0, 1] image units on the normalised patch, so
+    on a black background (normalised: -mean/std) it goes below black as often as above (the
+    loader's uint8 noise, clipped at 0, brightened black by ~10 grey levels on average)."""
+    import instance_simclr as m
+
+    model = m.InstanceSimCLR(Args(noise_std=0.1, projector_dims=(16, 8)), "small")
+    black = ((0 - torch.tensor(C.IMAGENET_MEAN)) / torch.tensor(C.IMAGENET_STD)).float()
+    x = black.view(1, 3, 1, 1).expand(64, 3, 32, 32).contiguous()
+    noisy = model.add_noise(x)
+    grey_levels = (noisy - x) * torch.tensor(C.IMAGENET_STD).float().view(1, 3, 1, 1)
+    assert abs(grey_levels.mean().item()) < 0.1  # 196,608 draws: standard error ~0.06
+    assert grey_levels.std().item() == pytest.approx(0.1 * 255, rel=0.01)
+    assert (grey_levels < 0).float().mean().item() == pytest.approx(0.5, abs=0.01)
+    assert torch.equal(model.add_noise(x), noisy)  # same calls count: same noise
+    model.calls += 1
+    assert not torch.equal(model.add_noise(x), noisy)  # the next step: new noise
+    assert "calls" in model.state_dict()  # saved in checkpoints: resumes draw the same noise

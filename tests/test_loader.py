@@ -100,10 +100,8 @@ def test_normalisation_cpu_and_gpu_style_pipelines_agree(betons, eval_raw):
     torch.testing.assert_close(got, (raw - MEAN) / STD, rtol=0, atol=1e-5)
     # The CUDA tail (ToDevice non_blocking, channels_last, normalise on the device), run on the
     # CPU so this machine can check it.
-    from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
-
     device = torch.device("cpu")
-    pipelines = {"image": [CenterCropRGBImageDecoder((28, 28), 1.0)]
+    pipelines = {"image": [C.CenterCrop((28, 28), 1.0)]
                  + C._to_output(device, normalize=True, on_gpu=True),
                  "label": C._label_pipeline(device, on_gpu=True)}
     gpu_style = C.SSLLoader(betons["val"], outputs=["image", "label"], batch_size=32,
@@ -309,3 +307,38 @@ def test_subset_indices_over_several_files(betons, unlabelled_beton):
     assert all(np.array_equal(a, b) for a, b in zip(picked, again))
     with pytest.raises(ValueError, match="a subset of 600 images"):
         C.subset_indices([betons["train"], unlabelled_beton], 600)
+
+
+def test_eval_centre_crop_matches_torchvision(tmp_path):
+    """The evaluation crop on real photos of several shapes (raw pixels, no JPEG): the centred
+    square of int(0.875 x short side), resized as torchvision's center_crop + resize
+    (bilinear, antialias=True) would, within one grey level."""
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+    import torchvision.transforms.functional as TF
+
+    from conftest import photos
+
+    shapes = [(300, 200), (97, 131), (512, 512), (40, 90)]
+    images = [np.ascontiguousarray(p[:h, :w]) for p, (h, w) in zip(photos(), shapes)]
+
+    class Data:
+        def __len__(self):
+            return len(images)
+
+        def __getitem__(self, k):
+            return images[k], k
+
+    path = str(tmp_path / "photos.beton")
+    DatasetWriter(path, {"image": RGBImageField(write_mode="raw"), "label": IntField()},
+                  num_workers=1).from_indexed_dataset(Data())
+    for side in (24, 160):  # shrinking all of them; enlarging some
+        got, _ = collect(C.make_eval_loader(path, side, batch_size=4, normalize=False,
+                                            crop_ratio=0.875))
+        for img, out in zip(images, got):
+            h, w = img.shape[:2]
+            c = int(0.875 * min(h, w))
+            ref = TF.resized_crop(torch.from_numpy(img).permute(2, 0, 1), (h - c) // 2,
+                                  (w - c) // 2, c, c, [side, side], antialias=True)
+            diff = (out.int() - ref.int()).abs()
+            assert diff.max() <= 1 and (diff > 0).float().mean() < 0.02, (side, shapes)

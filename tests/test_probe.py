@@ -65,7 +65,10 @@ def test_probe_on_the_export_and_on_random_init(betons, straight):
     for res in (trained, baseline):
         assert max(res[h]["top1"] for h in ("linear", "mlp", "knn")) > 0.3
     out = straight("simclr.py")
-    assert (out / "probe_backbone.json").exists() and (out / "probe_random_init.json").exists()
+    assert (out / "probe_backbone.json").exists() and (out / "probe_random_init_seed0.json").exists()
+    other = probe.main(probe.Args(**args, random_init=True, seed=1, heads=("knn",)))
+    assert (out / "probe_random_init_seed1.json").exists()  # side by side, nothing overwritten
+    assert (out / "probe_random_init_seed0.json").exists() and other["knn"] != baseline["knn"]
     again = probe.main(probe.Args(**args, heads=("knn",)))  # cached: same features, same k-NN
     assert again["knn"] == trained["knn"]
 
@@ -135,3 +138,37 @@ def test_unlabelled_training_images_are_left_out(betons, straight, unlabelled_be
         probe.main(probe.Args(**args))
     with pytest.raises(ValueError, match="labels up to 9; pass --num-classes 10"):
         probe.main(probe.Args(**common(straight, betons, num_classes=4)))
+
+
+def test_hyper_parameters_are_chosen_on_the_holdout_and_the_test_split_scored_once(
+        betons, straight, monkeypatch):
+    """Every candidate is scored on a seeded tenth of the training images; the validation (test)
+    split is used once, by the chosen value. The holdout scores are recomputed here directly."""
+    calls = []
+    real_knn = probe.knn
+
+    def recording_knn(train_x, train_y, query_x, query_y, k, temperature, num_classes):
+        res = real_knn(train_x, train_y, query_x, query_y, k, temperature, num_classes)
+        calls.append((len(train_x), len(query_x), k, res["top1"]))
+        return res
+
+    monkeypatch.setattr(probe, "knn", recording_knn)
+    res = probe.main(probe.Args(**common(straight, betons, heads=("knn",), knn_k=(1, 5, 40),
+                                         holdout=0.25)))
+    # 320 training images: 80 held out, 240 to fit; then all 320 for the 100 validation images.
+    chosen_k = res["knn"]["chosen"]["k"]
+    assert [c[:3] for c in calls] == [(240, 80, 1), (240, 80, 5), (240, 80, 40),
+                                      (320, 100, chosen_k)]
+    holdout_scores = [c[3] for c in calls[:3]]
+    assert res["knn"]["chosen"]["k"] == (1, 5, 40)[int(np.argmax(holdout_scores))]
+    assert [g["top1"] for g in res["knn"]["chosen"]["holdout_grid"]] == holdout_scores
+    assert res["knn"]["top1"] == calls[3][3]
+    # The same split, drawn independently: the same holdout score for the chosen k.
+    feats = torch.load(next((straight("simclr.py")).glob("features_*.pt")), weights_only=True)
+    x, y = feats["train"]
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    hold, fit = order[:80], order[80:]
+    again = real_knn(x[fit], y[fit], x[hold], y[hold], res["knn"]["chosen"]["k"], 0.07, 10)
+    assert again["top1"] == res["knn"]["chosen"]["holdout_top1"]
+    with pytest.raises(ValueError, match="--holdout 0 with several values"):
+        probe.main(probe.Args(**common(straight, betons, heads=("knn",), holdout=0.0)))

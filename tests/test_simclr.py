@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import simclr
 from conftest import run_ddp
@@ -46,7 +47,7 @@ def test_nt_xent_extremes():
     ("simclr", lambda m, z: m.nt_xent_loss(z[0], z[1], 0.15)),
     ("barlowtwins", lambda m, z: m.barlow_twins_loss(z[0], z[1], 0.0051)),
     ("vicreg", lambda m, z: m.vicreg_loss(z[0], z[1])[0]),
-    # one negative patch per image: the third projector call, (8, d) -> (8, K=1, d)
+    # one negative patch per image: the third chunk of the projector's output, (8, K=1, d)
     ("instance_simclr", lambda m, z: m.instance_nt_xent_loss(z[0], z[1], z[2][:, None], 0.15)),
 ])
 def test_loss_is_fp32_under_bf16_autocast(module, loss_of):
@@ -58,7 +59,7 @@ def test_loss_is_fp32_under_bf16_autocast(module, loss_of):
     args = m.Args(arch="resnet18", projector_dims=(64, 32))
     torch.manual_seed(0)
     model = m.__dict__[{"simclr": "SimCLR", "barlowtwins": "BarlowTwins", "vicreg": "VICReg",
-                        "instance_simclr": "InstanceSimCLR"}[module]](args, small_stem=True)
+                        "instance_simclr": "InstanceSimCLR"}[module]](args, "small")
     outputs = []
     model.projector.register_forward_hook(lambda mod, inp, out: outputs.append(out))
     x1, x2, y = torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16), torch.arange(8) % 10
@@ -69,6 +70,8 @@ def test_loss_is_fp32_under_bf16_autocast(module, loss_of):
             loss = model(x1, x2, y)[0]
     assert outputs[0].dtype == torch.bfloat16  # the network did run under autocast
     assert loss.dtype == torch.float32
+    if len(outputs) == 1:  # SimCLR and instance SimCLR: every view in one projector call
+        outputs = outputs[0].chunk({"simclr": 2, "instance_simclr": 3}[module])
     expected = loss_of(m, [out.float() for out in outputs])
     torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
 
@@ -166,25 +169,47 @@ def test_param_groups_exclude_biases_and_batchnorm():
 
 
 def test_schedule_values():
-    peak, total, warm = 2.0, 1000, 100
-    assert learning_rate(0, total, warm, peak) == pytest.approx(peak / 100)
-    assert learning_rate(49, total, warm, peak) == pytest.approx(peak / 2)
-    assert learning_rate(99, total, warm, peak) == pytest.approx(peak)
-    assert learning_rate(100, total, warm, peak) == pytest.approx(peak)
-    assert learning_rate(550, total, warm, peak) == pytest.approx(peak / 2)
-    assert learning_rate(1000, total, warm, peak) == pytest.approx(0.0, abs=1e-12)
-    values = [learning_rate(s, total, warm, peak) for s in range(warm, total)]
+    peak, warm = 2.0, 0.1
+    assert learning_rate(0.0, warm, peak) == 0.0
+    assert learning_rate(0.05, warm, peak) == pytest.approx(peak / 2)
+    assert learning_rate(0.1, warm, peak) == pytest.approx(peak)
+    assert learning_rate(0.55, warm, peak) == pytest.approx(peak / 2)
+    assert learning_rate(1.0, warm, peak) == pytest.approx(0.0, abs=1e-12)
+    assert learning_rate(1.5, warm, peak) == pytest.approx(0.0, abs=1e-12)  # past the budget
+    assert learning_rate(0.3, 0.0, peak) == pytest.approx(peak * 0.5 * (1 + math.cos(0.3 * math.pi)))
+    values = [learning_rate(s / 1000, warm, peak) for s in range(100, 1001)]
     assert all(a >= b for a, b in zip(values, values[1:]))  # cosine decays monotonically
 
 
 def test_backbones():
-    net, width = simclr.make_backbone("resnet18", small_stem=True)
+    net, width = simclr.make_backbone("resnet18", "small")
     assert width == 512 and net.conv1.stride == (1, 1) and isinstance(net.maxpool, nn.Identity)
     assert net(torch.randn(2, 3, 16, 16)).shape == (2, 512)
-    net50, width50 = simclr.make_backbone("resnet50", small_stem=False)
+    net2, _ = simclr.make_backbone("resnet18", "small-stride2")
+    assert net2.conv1.stride == (2, 2) and net2.conv1.kernel_size == (3, 3)
+    assert isinstance(net2.maxpool, nn.Identity)
+    net50, width50 = simclr.make_backbone("resnet50", "imagenet")
     assert width50 == 2048 and net50.conv1.stride == (2, 2)
+    assert isinstance(net50.maxpool, nn.MaxPool2d)
     with pytest.raises(ValueError, match="unknown architecture 'vit_b_16'"):
-        simclr.make_backbone("vit_b_16", small_stem=True)
+        simclr.make_backbone("vit_b_16", "small")
+    assert simclr.resolve_stem("auto", 64) == "small" and simclr.resolve_stem("auto", 96) == (
+        "imagenet") and simclr.resolve_stem("small-stride2", 224) == "small-stride2"
+
+
+def test_residual_blocks_start_as_the_identity():
+    """zero_init_residual, as the official SimCLR, Barlow Twins and VICReg code: each block's
+    last BatchNorm scale is 0, so a block without a downsampling shortcut returns relu(x)."""
+    net, _ = simclr.make_backbone("resnet18", "small")
+    for block in (net.layer1[0], net.layer1[1], net.layer2[1], net.layer4[1]):
+        assert torch.count_nonzero(block.bn2.weight) == 0
+    x = torch.randn(2, 64, 8, 8).relu()
+    assert torch.equal(net.layer1[0].eval()(x), x)
+
+
+def test_projector_last_bias():
+    assert simclr.mlp((8, 16, 4))[-1].bias is not None
+    assert simclr.mlp((8, 16, 4), last_bias=False)[-1].bias is None
 
 
 def test_projector_depth_and_widths():
@@ -217,3 +242,38 @@ def test_knn_against_a_loop():
     assert 0 < correct1 < correct5 < 30  # a test that can tell top-1 from top-5
     assert got["top1"] == pytest.approx(correct1 / 30)
     assert got["top5"] == pytest.approx(correct5 / 30)
+
+
+def test_rankme_against_its_formula():
+    """RankMe (Garrido et al. 2023, eq. 1) computed naively with numpy; k equal singular values
+    give k; a collapsed embedding (every row the same) gives 1."""
+    import numpy as np
+
+    gen = torch.Generator().manual_seed(0)
+    feats = torch.randn(300, 40, generator=gen) @ torch.randn(40, 40, generator=gen)
+    s = np.linalg.svd(feats.numpy().astype(np.float64), compute_uv=False)
+    p = s / s.sum() + 1e-7
+    assert simclr.rankme(feats) == pytest.approx(float(np.exp(-(p * np.log(p)).sum())), rel=1e-9)
+    q, _ = torch.linalg.qr(torch.randn(300, 7, generator=gen, dtype=torch.float64))
+    assert simclr.rankme(q.float() * 3) == pytest.approx(7, rel=1e-4)
+    assert simclr.rankme(torch.ones(50, 16) * torch.randn(1, 16, generator=gen)) == pytest.approx(
+        1, rel=1e-3)
+
+
+def test_knn_leave_one_out_against_a_loop():
+    """Each point voted by its k nearest other points, weights exp(cos / T), in a plain loop."""
+    gen = torch.Generator().manual_seed(1)
+    labels = torch.randint(0, 4, (2500,), generator=gen)
+    feats = torch.randn(2500, 8, generator=gen) + 1.5 * F.one_hot(labels, 8).float()
+    k, t = 5, 0.1
+    unit = F.normalize(feats, dim=1)
+    correct = 0
+    for i in range(len(feats)):
+        sims = [(float(unit[i] @ unit[j]), j) for j in range(len(feats)) if j != i]
+        votes = [0.0] * 4
+        for sim, j in sorted(sims, reverse=True)[:k]:
+            votes[int(labels[j])] += math.exp(sim / t)
+        correct += votes.index(max(votes)) == int(labels[i])
+    got = simclr.knn_leave_one_out(feats, labels, k=k, temperature=t)
+    assert got == pytest.approx(correct / len(feats), abs=1 / len(feats))  # a tie at most
+    assert 0.5 < got < 1  # separable enough to beat chance (0.25), noisy enough to err

@@ -98,7 +98,9 @@ def test_command_line_gives_one_line_and_fails_fast(script, args, says, betons, 
 
 
 @pytest.mark.parametrize("field,value,flag", [
-    ("epochs", 0, "--epochs"), ("lr", 0.0, "--lr"), ("batch_size", 1, "--batch-size"),
+    ("epochs", 0, "--epochs"), ("lr", (0.0,), "--lr"), ("lr", (), "--lr"),
+    ("weight_decay", (float("nan"),), "--weight-decay"), ("knn_k", (0,), "--knn-k"),
+    ("holdout", 1.0, "--holdout"), ("batch_size", 1, "--batch-size"),
     ("knn_temperature", 0.0, "--knn-temperature"), ("heads", (), "--heads"),
     ("mlp_dims", (0,), "--mlp-dims"), ("resolution", -1, "--resolution"),
     ("num_workers", 0, "--num-workers"), ("train_subset", -3, "--train-subset"),
