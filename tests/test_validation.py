@@ -79,7 +79,7 @@ def test_view_settings(field, value, flag, betons):
     ("simclr.py", ["--batch-size", "0"], "error: --batch-size 0: must be an integer >= 2"),
     ("barlowtwins.py", ["--view1.resolution", "0"], "error: --view1.resolution 0: must be"),
     ("instance_simclr.py", ["--projector-dims"], "error: --projector-dims (): must be one or"),
-    ("probe.py", ["--knn-k", "0"], "error: --knn-k 0: must be an integer >= 1"),
+    ("probe.py", ["--knn-k", "0"], "error: --knn-k (0,): must be integers >= 1"),
     ("write_beton.py", ["--jpeg-quality", "0"], "error: --jpeg-quality 0: must be in 1..100"),
 ])
 def test_command_line_gives_one_line_and_fails_fast(script, args, says, betons, tmp_path):

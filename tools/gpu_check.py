@@ -1,0 +1,203 @@
+"""GPU check of the method files' device paths, for a machine with CUDA but without ffcv.
+
+    python tools/gpu_check.py            # prints one line per check, exits non-zero on a failure
+
+ffcv (a compiled extension) and tyro are replaced by stubs, so the four method files import
+without them: the loaders are not exercised here (they run on the CPU in the test suite); the
+models, losses, optimisers, monitors and checkpoints are, on CUDA, with bf16 autocast and
+channels_last, against the same computation on the CPU in fp32.
+"""
+
+import os
+import sys
+import tempfile
+import time
+import types
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+class _Meta(type):
+    def __getattr__(cls, name):
+        return _Stub
+
+
+class _Stub(metaclass=_Meta):
+    def __init__(self, *args, **kwargs):
+        pass
+
+
+def _stub_module(name):
+    module = types.ModuleType(name)
+    def attribute(attr):
+        if attr.startswith("__"):  # __file__ etc.: what inspect asks every module
+            raise AttributeError(attr)
+        return {"IMAGE_MODES": {}, "IS_CUDA": True}.get(attr, _Stub)
+
+    module.__getattr__ = attribute
+    module.__path__ = []
+    sys.modules[name] = module
+
+
+for name in ("ffcv", "ffcv.fields", "ffcv.fields.basics", "ffcv.fields.rgb_image", "ffcv.libffcv",
+             "ffcv.loader", "ffcv.loader.epoch_iterator", "ffcv.pipeline",
+             "ffcv.pipeline.allocation_query", "ffcv.pipeline.compiler",
+             "ffcv.pipeline.operation", "ffcv.reader", "ffcv.transforms", "ffcv.writer", "tyro"):
+    try:
+        __import__(name)
+    except ImportError:
+        _stub_module(name)
+
+import barlowtwins  # noqa: E402
+import instance_simclr  # noqa: E402
+import simclr  # noqa: E402
+import vicreg  # noqa: E402
+
+FAILED = []
+
+
+def check(name, ok, detail=""):
+    print(f"{'ok  ' if ok else 'FAIL'} {name} {detail}", flush=True)
+    if not ok:
+        FAILED.append(name)
+
+
+def batch(device, n=64, side=28, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x1, x2 = torch.randn(n, 3, side, side, generator=gen), torch.randn(n, 3, side, side, generator=gen)
+    y = torch.randint(0, 10, (n,), generator=gen)
+    cl = torch.channels_last
+    return (x1.to(device, memory_format=cl, non_blocking=True),
+            x2.to(device, memory_format=cl, non_blocking=True), y.to(device))
+
+
+def model_of(module, stem="small", **kw):
+    cls = {"simclr": "SimCLR", "barlowtwins": "BarlowTwins", "vicreg": "VICReg",
+           "instance_simclr": "InstanceSimCLR"}[module.METHOD]
+    torch.manual_seed(0)
+    args = module.Args(projector_dims=(256, 128), **kw)
+    return getattr(module, cls)(args, stem), args
+
+
+def forward(module, model, x1, x2, y, bf16):
+    with torch.autocast(x1.device.type, dtype=torch.bfloat16, enabled=bf16):
+        if module is instance_simclr:
+            return model(x1, x2, [x2.flip(3)], y)
+        return model(x1, x2, y)
+
+
+def main():
+    dry = os.environ.get("GPU_CHECK_DRY_RUN") == "1"  # the script's own logic, on the CPU
+    assert dry or torch.cuda.is_available(), "no CUDA device"
+    cuda, cpu = torch.device("cpu" if dry else "cuda"), torch.device("cpu")
+    print("dry run on the CPU" if dry else torch.cuda.get_device_name(), "torch",
+          torch.__version__, flush=True)
+    check("bf16_is_fast(cuda)", dry or simclr.bf16_is_fast(cuda))
+    for module in (simclr, barlowtwins, vicreg, instance_simclr):
+        name = module.METHOD
+        # fp32 on CUDA (TF32 off) against fp32 on the CPU: the same loss, the same gradients.
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        ref, _ = model_of(module)
+        gpu, args = model_of(module)
+        gpu = gpu.to(cuda, memory_format=torch.channels_last)
+        xs = batch(cpu)
+        loss_cpu, probe_cpu, _ = forward(module, ref, *xs, bf16=False)
+        loss_gpu, probe_gpu, _ = forward(module, gpu, *batch(cuda), bf16=False)
+        (loss_cpu + probe_cpu).backward()
+        (loss_gpu + probe_gpu).backward()
+        check(f"{name}: fp32 loss cuda == cpu", torch.allclose(loss_cpu, loss_gpu.cpu(), rtol=1e-3,
+                                                               atol=1e-4) or name == "instance_simclr",
+              f"{loss_cpu.item():.5f} vs {loss_gpu.item():.5f}"
+              + (" (instance: noise drawn on each device differs)" if name == "instance_simclr" else ""))
+        if name != "instance_simclr":
+            g_cpu = ref.backbone.conv1.weight.grad
+            g_gpu = gpu.backbone.conv1.weight.grad.cpu()
+            rel = ((g_cpu - g_gpu).norm() / g_cpu.norm()).item()
+            check(f"{name}: fp32 gradients cuda == cpu", rel < 1e-3, f"relative difference {rel:.2e}")
+        # bf16 autocast: the network in bf16, the loss in fp32, a few optimiser steps lower it.
+        model, args = model_of(module)
+        model = model.to(cuda, memory_format=torch.channels_last)
+        opt = module.make_optimizer(module.Args(optimizer="lars"), nn_list(module, model), 0.3)
+        losses = []
+        fixed = batch(cuda, n=128, seed=1)
+        for _ in range(8):
+            loss, probe_loss, _ = forward(module, model, *fixed, bf16=True)
+            check_dtype = loss.dtype == torch.float32
+            opt.zero_grad(set_to_none=True)
+            (loss + probe_loss).backward()
+            opt.step()
+            losses.append(loss.item())
+        check(f"{name}: bf16 autocast, LARS: loss fp32 and finite", check_dtype and all(
+            map(lambda v: v == v and abs(v) < 1e6, losses)), f"{losses[0]:.4f} -> {losses[-1]:.4f}")
+        # Monitors on CUDA tensors: k-NN and RankMe as on the CPU.
+        loader = [(xs[0].to(cuda, memory_format=torch.channels_last), xs[2].to(cuda))
+                  for xs in (batch(cpu, n=100, seed=s) for s in range(3))]
+        mon = module.evaluate(model, loader, cuda, True)
+        feats = torch.cat([model.eval().backbone(x).float() for x, _ in loader]).detach()
+        model.train()
+        labels = torch.cat([y for _, y in loader])
+        knn_cpu = module.knn_leave_one_out(feats.cpu(), labels.cpu())
+        check(f"{name}: evaluate() on cuda", 0 <= mon["probe_acc"] <= 1 and 1 <= mon["rankme"] <= 300,
+              f"{mon}")
+        check(f"{name}: k-NN on cuda == on cpu", abs(module.knn_leave_one_out(feats, labels)
+                                                    - knn_cpu) <= 2 / 300)
+        # Checkpoint: saved from CUDA, loaded with map_location="cpu" (weights_only), back on CUDA.
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "checkpoint.pt")
+            module.save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                "rng": torch.get_rng_state()},
+                               path)
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            again, _ = model_of(module)
+            again = again.to(cuda, memory_format=torch.channels_last)
+            again.load_state_dict(ckpt["model"])
+            opt2 = module.make_optimizer(module.Args(optimizer="lars"), nn_list(module, again), 0.3)
+            opt2.load_state_dict(ckpt["optimizer"])
+            torch.set_rng_state(ckpt["rng"].cpu())
+            same = all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                         again.state_dict().values()))
+            state_device = next(iter(opt2.state.values()))["mu"].device
+            check(f"{name}: checkpoint cuda -> cpu file -> cuda", same and state_device.type == cuda.type,
+                  f"optimizer state on {state_device}")
+    # Instance SimCLR's noise drawn on the GPU: zero-mean, the asked std, reproducible.
+    model, _ = model_of(instance_simclr, noise_std=0.1)
+    model = model.to(cuda)
+    x = torch.zeros(64, 3, 32, 32, device=cuda)
+    a, b = model.add_noise(x), model.add_noise(x)
+    grey = a * model.noise_std.new_tensor(instance_simclr.IMAGENET_STD).view(1, 3, 1, 1)
+    check("instance: cuda noise zero-mean, std 25.5 grey levels, reproducible",
+          abs(grey.mean().item()) < 0.2 and abs(grey.std().item() - 25.5) < 0.3 and torch.equal(a, b),
+          f"mean {grey.mean().item():.3f} std {grey.std().item():.2f}")
+    # Throughput of the training step (bf16, channels_last), ResNet-18 small stem at 28 px.
+    for stem, n in (("small", 256), ("small-stride2", 256)):
+        model, args = model_of(simclr, stem=stem)
+        model = model.to(cuda, memory_format=torch.channels_last)
+        opt = simclr.make_optimizer(simclr.Args(optimizer="lars"), nn_list(simclr, model), 0.3)
+        xs = batch(cuda, n=n)
+        for i in range(7 if dry else 25):
+            if i == 5:
+                if not dry:
+                    torch.cuda.synchronize()
+                start = time.time()
+            loss, probe_loss, _ = forward(simclr, model, *xs, bf16=True)
+            opt.zero_grad(set_to_none=True)
+            (loss + probe_loss).backward()
+            opt.step()
+        if not dry:
+            torch.cuda.synchronize()
+        step = (time.time() - start) / (2 if dry else 20)
+        print(f"info SimCLR step, ResNet-18 {stem} stem, 28 px, batch {n}, bf16: "
+              f"{1000 * step:.1f} ms = {n / step:.0f} images/s", flush=True)
+    print("FAILED: " + ", ".join(FAILED) if FAILED else "all GPU checks passed")
+    sys.exit(1 if FAILED else 0)
+
+
+def nn_list(module, model):
+    return torch.nn.ModuleList([model.backbone, model.projector])
+
+
+if __name__ == "__main__":
+    main()
