@@ -59,9 +59,9 @@ class Args:
     """Hidden widths of the MLP head (Linear-BN-ReLU each)."""
     epochs: int = 30
     """Epochs of head training."""
-    lr: tuple[float, ...] = (1e-3, 1e-2)
+    lr: tuple[float, ...] = (3e-3, 1e-2, 3e-2)
     """AdamW learning rates tried (cosine decay); the best on the holdout is kept."""
-    weight_decay: tuple[float, ...] = (5e-4, 5e-2)
+    weight_decay: tuple[float, ...] = (5e-4,)
     """AdamW weight decays tried, with each learning rate."""
     batch_size: int = 1024
     """Batch of the heads' training."""

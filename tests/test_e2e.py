@@ -157,3 +157,34 @@ def test_time_budget_ends_the_schedule_on_time(betons, tmp_path, monkeypatch):
     records = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(records) == 1  # one run, not one per launch: the id is stable per out_dir
     assert b"rankme" in records[0].read_bytes() and b"knn_acc" in records[0].read_bytes()
+
+
+def test_main_job_prints_the_table_it_computed(betons, tmp_path):
+    """benchmarks/bench_fashion_mnist.py (the README's main job) with a tiny budget: it trains,
+    probes the backbone and two random inits (side by side, one file per seed), and its table's
+    numbers are those files' numbers: mean and sd over the seeds, gain = trained - mean."""
+    import statistics
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    out = tmp_path / "demo"
+    cmd = [sys.executable, "benchmarks/bench_fashion_mnist.py", "--quick", "--budget-min", "0.05",
+           "--seeds", "0", "1", "--data", betons["train"], betons["val"], "--out-dir", str(out),
+           "--probe-train-subset", "320", "--batch-size", "64", "--projector-dims", "64", "32",
+           "--num-workers", "1", "--device", "cpu"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    ssl = json.load(open(out / "probe_backbone.json"))
+    rnd = [json.load(open(out / f"probe_random_init_seed{s}.json")) for s in (0, 1)]
+    assert rnd[0]["linear"] != rnd[1]["linear"] or rnd[0]["knn"] != rnd[1]["knn"]
+    table = (out / "table.md").read_text()
+    assert table in done.stdout
+    for head in ("linear", "mlp", "knn"):
+        a, b = 100 * ssl[head]["top1"], [100 * r[head]["top1"] for r in rnd]
+        mean = statistics.mean(b)
+        row = (f"| {head} | {a:.2f}% | {mean:.2f}% ± {statistics.stdev(b):.2f} | "
+               f"{b[0]:.2f} / {b[1]:.2f} | **{a - mean:+.2f}** |")
+        assert row in table, (row, table)
