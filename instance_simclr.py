@@ -18,9 +18,11 @@ their own noise). Each image's InfoNCE sees only its own K negatives, never the 
 Killed or pre-empted? Run the same command again: it resumes exactly where the last checkpoint
 (every epoch, every --checkpoint-every-min, and on SIGTERM / SIGUSR1) left it.
 
-Measured (README, "Does it learn?"): Fashion-MNIST, 28 px, ResNet-18 with the small stem, 2 epochs
-on a 2-core CPU: linear probe 83.7% top-1 against 83.5% for random weights, MLP 88.5% against
-87.3%, k-NN 81.9% against 82.6%; SimCLR gains 2.6 / 3.0 / 1.0 points in the same budget.
+Measured (README, "Does it learn?"; 2026-11-25, code before the 2026-11-26 changes: OpenCV crop
+resampling, clipped noise, no holdout in the probes; not re-measured since): Fashion-MNIST, 28 px,
+ResNet-18 with the small stem, 2 epochs on a 2-core CPU: linear probe 83.7% top-1 against 83.5% for
+random weights, MLP 88.5% against 87.3%, k-NN 81.9% against 82.6%; SimCLR gains 2.6 / 3.0 / 1.0
+points in the same budget.
 """
 
 import hashlib

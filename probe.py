@@ -207,7 +207,7 @@ def cached_features(args, net, info, device, bf16: bool):
     cache = os.path.join(os.path.dirname(args.backbone) or ".",
                          f"features_{key.hexdigest()[:16]}.pt")
     if os.path.exists(cache):
-        return torch.load(cache, weights_only=True)
+        return torch.load(cache, weights_only=True), cache
     out = {}
     for split, path in (("train", args.train_beton), ("val", args.val_beton)):
         indices = subset_indices(path, args.train_subset, args.seed) if split == "train" else None
@@ -218,7 +218,7 @@ def cached_features(args, net, info, device, bf16: bool):
     tmp = cache + ".tmp"
     torch.save(out, tmp)
     os.replace(tmp, cache)
-    return out
+    return out, cache
 
 
 def make_head(kind: str, width: int, args: Args) -> nn.Module:
@@ -294,7 +294,7 @@ def main(args: Args) -> dict:
     net = net.to(device, memory_format=torch.channels_last).eval()
     bf16 = args.precision == "bf16" or (args.precision == "auto" and bf16_is_fast(device))
     start = time.time()
-    feats = cached_features(args, net, info, device, bf16)
+    feats, cache = cached_features(args, net, info, device, bf16)
     train_x, train_y = feats["train"]
     val_x, val_y = feats["val"]
     labelled = train_y >= 0  # label -1: unlabelled (STL-10's unlabeled split), no use to a head
@@ -306,7 +306,7 @@ def main(args: Args) -> dict:
     width = train_x.shape[1]
     results = {"backbone": "random init" if args.random_init else args.backbone, **info,
                "bf16": bf16, "train_images": len(train_y), "val_images": len(val_y),
-               "augment": args.augment}
+               "augment": args.augment, "features_cache": cache}
     generator = torch.Generator().manual_seed(args.seed)
     # The holdout that chooses the hyper-parameters: a seeded share of the training images.
     order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(args.seed))

@@ -65,7 +65,8 @@ def test_probe_on_the_export_and_on_random_init(betons, straight):
     for res in (trained, baseline):
         assert max(res[h]["top1"] for h in ("linear", "mlp", "knn")) > 0.3
     out = straight("simclr.py")
-    assert (out / "probe_backbone.json").exists() and (out / "probe_random_init_seed0.json").exists()
+    assert (out / "probe_backbone.json").exists()
+    assert (out / "probe_random_init_seed0.json").exists()
     other = probe.main(probe.Args(**args, random_init=True, seed=1, heads=("knn",)))
     assert (out / "probe_random_init_seed1.json").exists()  # side by side, nothing overwritten
     assert (out / "probe_random_init_seed0.json").exists() and other["knn"] != baseline["knn"]
@@ -164,7 +165,7 @@ def test_hyper_parameters_are_chosen_on_the_holdout_and_the_test_split_scored_on
     assert [g["top1"] for g in res["knn"]["chosen"]["holdout_grid"]] == holdout_scores
     assert res["knn"]["top1"] == calls[3][3]
     # The same split, drawn independently: the same holdout score for the chosen k.
-    feats = torch.load(next((straight("simclr.py")).glob("features_*.pt")), weights_only=True)
+    feats = torch.load(res["features_cache"], weights_only=True)  # this backbone's features
     x, y = feats["train"]
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
     hold, fit = order[:80], order[80:]

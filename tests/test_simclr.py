@@ -176,7 +176,8 @@ def test_schedule_values():
     assert learning_rate(0.55, warm, peak) == pytest.approx(peak / 2)
     assert learning_rate(1.0, warm, peak) == pytest.approx(0.0, abs=1e-12)
     assert learning_rate(1.5, warm, peak) == pytest.approx(0.0, abs=1e-12)  # past the budget
-    assert learning_rate(0.3, 0.0, peak) == pytest.approx(peak * 0.5 * (1 + math.cos(0.3 * math.pi)))
+    cosine = peak * 0.5 * (1 + math.cos(0.3 * math.pi))
+    assert learning_rate(0.3, 0.0, peak) == pytest.approx(cosine)
     values = [learning_rate(s / 1000, warm, peak) for s in range(100, 1001)]
     assert all(a >= b for a, b in zip(values, values[1:]))  # cosine decays monotonically
 
