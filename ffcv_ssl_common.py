@@ -634,6 +634,7 @@ class CenterCrop(RandomResizedCrop):
         self.crop_ratio = crop_ratio
 
     def box_parameters(self) -> tuple[np.ndarray, np.ndarray]:
+        # The decoder passes box_function two arrays; here the first carries crop_ratio.
         return np.array([self.crop_ratio, self.crop_ratio], np.float64), np.zeros(2, np.float64)
 
     @staticmethod

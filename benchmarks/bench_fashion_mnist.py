@@ -13,8 +13,9 @@ weights for several seeds, and prints a table: the random init as mean and stand
 the seeds, the gain as trained minus that mean. The table also goes to <out>/table.md.
 
 The recipe (CPU_RECIPE below): ResNet-18 with the stride-2 small stem and torchvision's init at
-28 px, batch 128 (SimCLR: AdamW); see the README's "Does it learn?" for what was measured and why. Arguments this script does not
-know go to the method's script (e.g. `--batch-size 256`) and override the recipe.
+28 px, batch 128 (SimCLR: AdamW); see the README's "Does it learn?" for what was measured and why.
+Arguments this script does not know go to the method's script (e.g. `--batch-size 256`) and
+override the recipe; `--precision` goes to the method's script and to the probes.
 """
 
 import json
@@ -80,8 +81,7 @@ def main(extra):
     out = take(extra, "--out-dir", 1, [os.path.join(
         "runs", "demo" if quick else f"bench_fashion_mnist/{method}")])[0]
     probe_subset = take(extra, "--probe-train-subset", 1, ["10000"])
-    precision = take(extra, "--precision", 1, [])
-    precision = ["--precision", *precision] if precision else []
+    precision = (take(extra, "--precision") or [None])[0]  # for the training and the probes
     if budget <= 0 or len(seeds) < 1:
         sys.exit("error: --budget-min must be > 0 and --seeds must name at least one seed")
     py = sys.executable
@@ -90,7 +90,8 @@ def main(extra):
     data_flags = ["--train-beton", data[0], "--val-beton", data[1]]
     recipe = CPU_RECIPE[method] + ["--time-budget-min", f"{budget:g}"]
     start = time.time()
-    run([py, f"{method}.py", *data_flags, *recipe, *precision, *extra, "--out-dir", out,
+    precision_flag = ["--precision", precision] if precision else []
+    run([py, f"{method}.py", *data_flags, *recipe, *precision_flag, *extra, "--out-dir", out,
          "--no-resume"])
     train_minutes = (time.time() - start) / 60
     # The probes in this process: one import of torch and ffcv instead of one per probe.
@@ -101,7 +102,7 @@ def main(extra):
     settings = dict(backbone=os.path.join(out, "backbone.pt"), train_beton=data[0],
                     val_beton=data[1], train_subset=int(probe_subset[0]))
     if precision:
-        settings["precision"] = precision[1]
+        settings["precision"] = precision
     for seed in [None, *seeds]:
         print(f"$ probe.py {settings['backbone']}"
               + (f" --random-init --seed {seed}" if seed is not None else ""), flush=True)
