@@ -124,10 +124,15 @@ class Args:
     """Seed of the weights' initialisation, the data order and every augmentation."""
     device: Literal["auto", "cuda", "cpu"] = "auto"
     """auto: CUDA when available."""
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
-    """bf16 autocast or plain fp32. auto: bf16 where the hardware computes in bf16 (CUDA GPUs from
-    Ampere on; CPUs with AVX512-BF16 or AMX, about 2x faster than fp32), fp32 elsewhere: other
-    CPUs emulate bf16, 12x slower than fp32 for a ResNet-18 step on an AVX2-only EPYC."""
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """bf16 or fp16 autocast, or plain fp32. auto: bf16 where the hardware computes in bf16 (CUDA
+    GPUs from Ampere on; CPUs with AVX512-BF16 or AMX, about 2x faster than fp32); fp16 on older
+    CUDA GPUs with tensor cores (V100, T4: compute capability 7.x), with a gradient scaler whose
+    state is saved in checkpoints; fp32 elsewhere: other CPUs emulate bf16, 12x slower than fp32
+    for a ResNet-18 step on an AVX2-only EPYC."""
+    tf32: bool = True
+    """On CUDA GPUs from Ampere on, fp32 matmuls and convolutions (all of an fp32 run, the loss of
+    a mixed one) in TF32, several times faster; --no-tf32 for full fp32."""
     compile: bool = False
     """torch.compile the model."""
     sync_bn: bool = True
@@ -351,7 +356,7 @@ MONITOR_IMAGES = 10_000  # validation images for the k-NN and RankMe monitors
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device, bf16: bool) -> dict:
+def evaluate(model: nn.Module, loader, device, amp_dtype: torch.dtype | None) -> dict:
     """The epoch's monitors on the validation set: the online linear probe's top-1 (every
     image, every process's share), and on the features of the first MONITOR_IMAGES images
     (gathered from every process): k-NN top-1 and RankMe."""
@@ -359,7 +364,7 @@ def evaluate(model: nn.Module, loader, device, bf16: bool) -> dict:
     correct = torch.zeros(2, device=device)  # (correct, seen)
     feats, labels, kept = [], [], 0
     for x, y in loader:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             h = model.backbone(x)
             logits = model.probe(h)
         correct += torch.stack([(logits.argmax(1) == y).sum(), torch.tensor(len(y), device=device)])
@@ -456,6 +461,17 @@ def bf16_is_fast(device: torch.device) -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype --precision means on `device` (None: fp32, no autocast)."""
+    if precision == "auto":
+        if bf16_is_fast(device):
+            return torch.bfloat16
+        if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (7, 0):
+            return torch.float16  # tensor cores without bf16: V100, T4
+        return None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+
+
 # ----------------------------------------------------------------------------------------------
 # Infrastructure: processes, provenance, checkpoints, pre-emption. Identical in every method file.
 # ----------------------------------------------------------------------------------------------
@@ -515,8 +531,9 @@ def flat_settings(settings: dict, prefix: str = "") -> dict:
     return out
 
 
+PRECISION_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}
 CHECKPOINT_KEYS = {"model", "optimizer", "probe_optimizer", "epoch", "batch", "step", "sums",
-                   "rng", "args", "log_bytes", "method", "elapsed"}
+                   "rng", "args", "log_bytes", "method", "elapsed", "scaler"}
 
 
 def load_checkpoint(path: str, args: Args) -> dict:
@@ -605,15 +622,17 @@ def main(args: Args) -> dict:
         check_labels(path, args.num_classes, unlabelled_ok=True)
     check_labels(args.val_beton, args.num_classes, unlabelled_ok=False)
     torch.manual_seed(args.seed)
-    bf16 = args.precision == "bf16" or (args.precision == "auto" and bf16_is_fast(device))
+    amp_dtype = autocast_dtype(args.precision, device)
+    if device.type == "cuda":  # no effect before Ampere
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
     stem = resolve_stem(args.stem, args.view1.resolution)
     ckpt_path = os.path.join(args.out_dir, "checkpoint.pt")
     log_path = os.path.join(args.out_dir, "log.jsonl")
     resuming = args.resume and os.path.exists(ckpt_path)
     ckpt = load_checkpoint(ckpt_path, args) if resuming else None  # before anything slow
     sync_bn = distributed and args.sync_bn and device.type == "cuda"
-    resolved = {"device": str(device), "world": world, "bf16": bf16, "stem": stem,
-                "sync_bn": sync_bn}
+    resolved = {"device": str(device), "world": world, "precision": PRECISION_NAMES[amp_dtype],
+                "stem": stem, "sync_bn": sync_bn}
     if main_process:
         os.makedirs(args.out_dir, exist_ok=True)
         if not resuming:
@@ -641,6 +660,9 @@ def main(args: Args) -> dict:
     peak_lr = args.base_lr * args.batch_size / 256
     optimizer = make_optimizer(args, ssl_params, peak_lr)
     probe_optimizer = torch.optim.AdamW(model.probe.parameters(), args.probe_lr)
+    # fp16's narrow range: the loss is scaled up before backward (gradients would underflow to
+    # 0), the gradients down before the step, which is skipped when they overflowed.
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     steps_per_epoch = len(train_loader)
     total_steps = args.epochs * steps_per_epoch
     budget_s, warmup = 60 * args.time_budget_min, args.warmup_epochs / args.epochs
@@ -651,6 +673,8 @@ def main(args: Args) -> dict:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         probe_optimizer.load_state_dict(ckpt["probe_optimizer"])
+        if scaler.is_enabled() and ckpt["scaler"]:  # empty when saved by a bf16 / fp32 run
+            scaler.load_state_dict(ckpt["scaler"])
         epoch, batch, step, sums = ckpt["epoch"], ckpt["batch"], ckpt["step"], ckpt["sums"]
         elapsed = ckpt["elapsed"]
         torch.set_rng_state(ckpt["rng"].cpu())  # a CPU tensor whatever map_location said
@@ -684,7 +708,8 @@ def main(args: Args) -> dict:
     def save(epoch: int, batch: int) -> None:
         if main_process:
             save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "probe_optimizer": probe_optimizer.state_dict(), "epoch": epoch,
+                         "probe_optimizer": probe_optimizer.state_dict(),
+                         "scaler": scaler.state_dict(), "epoch": epoch,
                          "batch": batch, "step": step, "sums": sums, "rng": torch.get_rng_state(),
                          "args": asdict(args), "method": METHOD, "elapsed": elapsed,
                          "log_bytes": os.path.getsize(log_path) if os.path.exists(log_path)
@@ -708,13 +733,14 @@ def main(args: Args) -> dict:
             progress = elapsed / budget_s if budget_s else step / total_steps
             lr = learning_rate(progress, warmup, peak_lr)
             set_learning_rates(args, optimizer, lr)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 loss, probe_loss, terms = net(x1, x2, y)
             optimizer.zero_grad(set_to_none=True)
             probe_optimizer.zero_grad(set_to_none=True)
-            (loss + probe_loss).backward()
-            optimizer.step()
-            probe_optimizer.step()
+            scaler.scale(loss + probe_loss).backward()  # the scaler is a no-op without fp16
+            scaler.step(optimizer)
+            scaler.step(probe_optimizer)
+            scaler.update()
             values = torch.stack([loss.detach(), *[t.detach() for t in terms.values()]]).float()
             sums = values if sums is None or batch == 0 else sums + values  # this epoch's
             batch, step = batch + 1, step + 1
@@ -744,12 +770,13 @@ def main(args: Args) -> dict:
             raise FloatingPointError(f"loss is {epoch_loss} in epoch {epoch}; lower --base-lr "
                                      f"(the last good checkpoint is kept in {ckpt_path})")
         images_per_s = (batch - first_batch) * args.batch_size / (time.time() - start)
-        monitors = evaluate(model, val_loader, device, bf16)
+        monitors = evaluate(model, val_loader, device, amp_dtype)
         replicas = check_replicas(model) if distributed else 1
         epochs_done = round(epoch + batch / steps_per_epoch, 4)  # < epoch + 1 if the budget ran out
         epoch, batch = epoch + 1, 0
         result = {"epoch": epochs_done, "step": step, "loss": epoch_loss, **term_means, "lr": lr,
                   "images_per_s": images_per_s, **monitors, "train_min": elapsed / 60,
+                  **({"loss_scale": scaler.get_scale()} if scaler.is_enabled() else {}),
                   "replicas_equal": replicas}
         if main_process:
             print(f"epoch {epochs_done:g}/{args.epochs} | loss {epoch_loss:.4f} | lr {lr:.4g} | "

@@ -83,9 +83,10 @@ class Args:
     """Seed of the random init (--random-init), the heads and the subset."""
     device: Literal["auto", "cuda", "cpu"] = "auto"
     """auto: CUDA when available."""
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
-    """Backbone under bf16 autocast or in fp32; auto: bf16 where the hardware computes in bf16
-    (as in the method files: CUDA GPUs from Ampere on, CPUs with AVX512-BF16 or AMX)."""
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """Backbone under bf16 or fp16 autocast, or in fp32 (the heads train in fp32); auto as in the
+    method files: bf16 on CUDA GPUs from Ampere on and CPUs with AVX512-BF16 or AMX, fp16 on older
+    CUDA GPUs with tensor cores, fp32 elsewhere."""
     out: str = ""
     """Results JSON; default: probe_<backbone name or random_init>.json beside the backbone."""
 
@@ -184,16 +185,16 @@ def build_backbone(args: Args) -> tuple[nn.Module, dict]:
 
 
 @torch.no_grad()
-def extract(net, loader, device, bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def extract(net, loader, device, amp_dtype) -> tuple[torch.Tensor, torch.Tensor]:
     feats, labels = [], []
     for x, y in loader:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             feats.append(net(x).float().cpu())
         labels.append(y.cpu().clone())  # ffcv reuses its batch buffers: keep a copy
     return torch.cat(feats), torch.cat(labels)
 
 
-def cached_features(args, net, info, device, bf16: bool):
+def cached_features(args, net, info, device, amp_dtype):
     """Features of both splits, cached on disk keyed by the weights, data, resolution and
     precision."""
     key = hashlib.sha256()
@@ -203,7 +204,7 @@ def cached_features(args, net, info, device, bf16: bool):
     for path in (args.train_beton, args.val_beton):
         key.update(f"{os.path.abspath(path)}:{os.path.getsize(path)}:{os.path.getmtime(path)}"
                    .encode())
-    key.update(f"{info['resolution']}:{args.train_subset}:{args.seed}:{bf16}".encode())
+    key.update(f"{info['resolution']}:{args.train_subset}:{args.seed}:{amp_dtype}".encode())
     cache = os.path.join(os.path.dirname(args.backbone) or ".",
                          f"features_{key.hexdigest()[:16]}.pt")
     if os.path.exists(cache):
@@ -213,7 +214,7 @@ def cached_features(args, net, info, device, bf16: bool):
         indices = subset_indices(path, args.train_subset, args.seed) if split == "train" else None
         loader = make_eval_loader(path, info["resolution"], 512, args.num_workers, device=device,
                                   indices=indices)
-        out[split] = extract(net, loader, device, bf16)
+        out[split] = extract(net, loader, device, amp_dtype)
     os.makedirs(os.path.dirname(cache) or ".", exist_ok=True)
     tmp = cache + ".tmp"
     torch.save(out, tmp)
@@ -243,7 +244,7 @@ def topk(logits: torch.Tensor, y: torch.Tensor) -> dict:
 def train_head(kind, args, width, batches, val_x, val_y, steps_per_epoch, lr, weight_decay):
     """AdamW with cosine decay; `batches()` yields (features, labels) for one epoch."""
     torch.manual_seed(args.seed)
-    head = make_head(kind, width, args)
+    head = make_head(kind, width, args).to(val_x.device)
     opt = torch.optim.AdamW(head.parameters(), lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.epochs * steps_per_epoch)
     for _ in range(args.epochs):
@@ -261,11 +262,13 @@ def train_head(kind, args, width, batches, val_x, val_y, steps_per_epoch, lr, we
 
 @torch.no_grad()
 def knn(train_x, train_y, val_x, val_y, k, temperature, num_classes) -> dict:
+    """Weighted k-NN (votes exp(cos / T)) on the features' device; similarities in chunks of at
+    most 2^28 entries (1 GiB)."""
     train_x, val_x = F.normalize(train_x, dim=1), F.normalize(val_x, dim=1)
     scores = []
-    for chunk in val_x.split(1024):
+    for chunk in val_x.split(max(1, min(1024, 2**28 // len(train_x)))):
         sim, idx = (chunk @ train_x.T).topk(k, dim=1)  # (b, k)
-        votes = torch.zeros(len(chunk), num_classes)
+        votes = torch.zeros(len(chunk), num_classes, device=chunk.device)
         votes.scatter_add_(1, train_y[idx], (sim / temperature).exp())
         scores.append(votes)
     return topk(torch.cat(scores), val_y)
@@ -284,6 +287,20 @@ def bf16_is_fast(device: torch.device) -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
+PRECISION_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype --precision means on `device` (None: fp32, no autocast)."""
+    if precision == "auto":
+        if bf16_is_fast(device):
+            return torch.bfloat16
+        if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (7, 0):
+            return torch.float16  # tensor cores without bf16: V100, T4
+        return None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+
+
 def main(args: Args) -> dict:
     validate(args)
     check_labels(args.train_beton, args.num_classes, unlabelled_ok=True)
@@ -292,11 +309,12 @@ def main(args: Args) -> dict:
         args.device == "auto" and torch.cuda.is_available()) else "cpu")
     net, info = build_backbone(args)
     net = net.to(device, memory_format=torch.channels_last).eval()
-    bf16 = args.precision == "bf16" or (args.precision == "auto" and bf16_is_fast(device))
+    amp_dtype = autocast_dtype(args.precision, device)
     start = time.time()
-    feats, cache = cached_features(args, net, info, device, bf16)
-    train_x, train_y = feats["train"]
-    val_x, val_y = feats["val"]
+    feats, cache = cached_features(args, net, info, device, amp_dtype)
+    # The heads and the k-NN on the device (hours on the CPU at ImageNet scale), in fp32.
+    train_x, train_y = (t.to(device) for t in feats["train"])
+    val_x, val_y = (t.to(device) for t in feats["val"])
     labelled = train_y >= 0  # label -1: unlabelled (STL-10's unlabeled split), no use to a head
     if not labelled.all():
         print(f"{int((~labelled).sum())} unlabelled training images (label -1) left out")
@@ -305,7 +323,7 @@ def main(args: Args) -> dict:
         train_x, train_y = train_x[labelled], train_y[labelled]
     width = train_x.shape[1]
     results = {"backbone": "random init" if args.random_init else args.backbone, **info,
-               "bf16": bf16, "train_images": len(train_y), "val_images": len(val_y),
+               "precision": PRECISION_NAMES[amp_dtype], "train_images": len(train_y), "val_images": len(val_y),
                "augment": args.augment, "features_cache": cache}
     generator = torch.Generator().manual_seed(args.seed)
     # The holdout that chooses the hyper-parameters: a seeded share of the training images.
@@ -319,7 +337,7 @@ def main(args: Args) -> dict:
     def batches_of(x, y):
         def batches():
             order = torch.randperm(len(y), generator=generator)
-            for idx in order.split(args.batch_size):
+            for idx in order.to(x.device).split(args.batch_size):
                 if len(idx) >= 2:  # a last batch of one would break the heads' BatchNorm
                     yield x[idx], y[idx]
         return batches, -(-len(y) // args.batch_size)
@@ -348,11 +366,12 @@ def main(args: Args) -> dict:
 
     def augmented_batches():
         for x, y in aug_loader:
-            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype,
+                                                 enabled=amp_dtype is not None):
                 h = net(x).float()
             keep = y >= 0  # labelled images only
             if keep.sum() >= 2:  # the heads' BatchNorm needs two
-                yield h[keep].cpu(), y[keep].cpu()
+                yield h[keep], y[keep]
 
     if args.augment:
         view = ViewConfig(resolution=info["resolution"], jitter_p=0, grayscale_p=0)

@@ -90,6 +90,31 @@ def test_stopped_mid_epoch_and_resumed_gives_bit_identical_weights(script, beton
         {k: v for k, v in r.items() if k not in drop} for r in ref]
 
 
+def test_fp16_and_its_gradient_scaler_resume_bit_identical(betons, tmp_path):
+    """--precision fp16 (autocast and a gradient scaler, for GPUs before Ampere) on the CPU: the
+    scaler's state is saved in the checkpoint, and a run stopped mid-epoch and resumed ends with
+    the uninterrupted run's weights and scaler state, bit for bit (a fresh scaler after the
+    resume would have counted 1 good step, not 2). CPUs emulate fp16 convolutions' backward
+    (~1 s per image here), hence 2 steps of 4 images."""
+    fp16 = ["--precision", "fp16", "--epochs", "1", "--batch-size", "4", "--train-subset", "8"]
+    run_method("simclr.py", betons, tmp_path / "straight", *fp16)
+    run_method("simclr.py", betons, tmp_path / "stopped", *fp16, "--max-steps", "1")
+    stopped = torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=True)
+    assert stopped["step"] == 1 and {"scale", "_growth_tracker"} <= set(stopped["scaler"])
+    resumed = run_method("simclr.py", betons, tmp_path / "stopped", *fp16)
+    assert "at epoch 0, batch 1 (step 1)" in resumed.stdout
+    a, b = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=True)
+            for d in ("straight", "stopped"))
+    assert a["step"] == b["step"] == 2 and a["scaler"] == b["scaler"]
+    scale, good = a["scaler"]["scale"], a["scaler"]["_growth_tracker"]
+    assert scale == 65536.0 * 0.5 ** round(math.log2(65536.0 / scale)) and good <= 2
+    assert same_weights(tmp_path / "straight" / "backbone.pt", tmp_path / "stopped" / "backbone.pt")
+    info = json.load(open(tmp_path / "straight" / "args.json"))
+    assert info["resolved"]["precision"] == "fp16"
+    epoch = [json.loads(line) for line in open(tmp_path / "straight" / "log.jsonl")][-1]
+    assert epoch["loss_scale"] == scale and math.isfinite(epoch["loss"])
+
+
 def test_unlabelled_images_and_two_training_files(betons, unlabelled_beton, tmp_path):
     """STL-10's use: train on a labelled and an unlabelled (label -1) file together; the online
     probe learns from the labelled images only."""

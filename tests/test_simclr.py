@@ -118,6 +118,30 @@ def test_bf16_only_where_the_hardware_computes_it(module, monkeypatch):
     assert asked == [False]  # emulated bf16 (pre-Ampere GPUs) does not count
 
 
+@pytest.mark.parametrize("module", ["simclr", "barlowtwins", "vicreg", "instance_simclr", "probe"])
+def test_precision_auto_picks_bf16_then_fp16_on_tensor_cores_then_fp32(module, monkeypatch):
+    """--precision: bf16 / fp16 / fp32 as asked; auto: bf16 where it is fast, else fp16 on CUDA
+    GPUs with tensor cores (compute capability 7.x: V100, T4), else fp32 (older GPUs, CPUs
+    without bf16 units)."""
+    import importlib
+
+    m = importlib.import_module(module)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for device in (cpu, cuda):
+        assert m.autocast_dtype("bf16", device) is torch.bfloat16
+        assert m.autocast_dtype("fp16", device) is torch.float16
+        assert m.autocast_dtype("fp32", device) is None
+    for fast in (True, False):
+        monkeypatch.setattr(m, "bf16_is_fast", lambda device, fast=fast: fast)
+        assert m.autocast_dtype("auto", cpu) is (torch.bfloat16 if fast else None)
+    for capability, expected in (((8, 0), torch.bfloat16), ((7, 5), torch.float16),
+                                 ((7, 0), torch.float16), ((6, 1), None)):
+        monkeypatch.setattr(m, "bf16_is_fast", lambda device, c=capability: c >= (8, 0))
+        monkeypatch.setattr(torch.cuda, "get_device_capability",
+                            lambda device=None, c=capability: c)
+        assert m.autocast_dtype("auto", cuda) is expected, capability
+
+
 def test_nt_xent_gradient():
     g = torch.Generator().manual_seed(0)
     z1 = torch.randn(4, 5, generator=g, dtype=torch.float64, requires_grad=True)

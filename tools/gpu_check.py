@@ -83,8 +83,9 @@ def model_of(module, stem="small", **kw):
     return getattr(module, cls)(args, stem), args
 
 
-def forward(module, model, x1, x2, y, bf16):
-    with torch.autocast(x1.device.type, dtype=torch.bfloat16, enabled=bf16):
+def forward(module, model, x1, x2, y, bf16=False, dtype=None):
+    dtype = torch.bfloat16 if bf16 else dtype
+    with torch.autocast(x1.device.type, dtype=dtype, enabled=dtype is not None):
         if module is instance_simclr:
             return model(x1, x2, [x2.flip(3)], y)
         return model(x1, x2, y)
@@ -97,6 +98,8 @@ def main():
     print("dry run on the CPU" if dry else torch.cuda.get_device_name(), "torch",
           torch.__version__, flush=True)
     check("bf16_is_fast(cuda)", dry or simclr.bf16_is_fast(cuda))
+    check("--precision auto on this GPU: bf16", dry or simclr.autocast_dtype("auto", cuda)
+          is torch.bfloat16)
     for module in (simclr, barlowtwins, vicreg, instance_simclr):
         name = module.METHOD
         # fp32 on CUDA (TF32 off) against fp32 on the CPU: the same loss, the same gradients.
@@ -138,7 +141,7 @@ def main():
         # Monitors on CUDA tensors: k-NN and RankMe as on the CPU.
         loader = [(xs[0].to(cuda, memory_format=torch.channels_last), xs[2].to(cuda))
                   for xs in (batch(cpu, n=100, seed=s) for s in range(3))]
-        mon = module.evaluate(model, loader, cuda, True)
+        mon = module.evaluate(model, loader, cuda, torch.bfloat16)
         feats = torch.cat([model.eval().backbone(x).float() for x, _ in loader]).detach()
         model.train()
         labels = torch.cat([y for _, y in loader])
@@ -165,6 +168,50 @@ def main():
             state_device = next(iter(opt2.state.values()))["mu"].device
             check(f"{name}: checkpoint cuda -> cpu file -> cuda",
                   same and state_device.type == cuda.type, f"optimizer state on {state_device}")
+    # fp16 autocast with a gradient scaler (GPUs before Ampere), LARS; the scaler's state
+    # through a checkpoint file.
+    for module in (simclr, barlowtwins):
+        model, _ = model_of(module)
+        model = model.to(cuda, memory_format=torch.channels_last)
+        opt = module.make_optimizer(module.Args(optimizer="lars"), nn_list(module, model), 0.3)
+        scaler = torch.amp.GradScaler(cuda.type)
+        # (the CPU emulates fp16 convolutions' backward, ~1 s per image: a small dry-run batch)
+        fixed, losses = batch(cuda, n=8 if dry else 128, seed=1), []
+        for _ in range(8):
+            loss, probe_loss, _ = forward(module, model, *fixed, dtype=torch.float16)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss + probe_loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            losses.append(loss.item())
+        with tempfile.TemporaryDirectory() as d:
+            module.save_atomic({"scaler": scaler.state_dict()}, os.path.join(d, "c.pt"))
+            again = torch.amp.GradScaler(cuda.type)
+            again.load_state_dict(torch.load(os.path.join(d, "c.pt"), weights_only=True)["scaler"])
+        check(f"{module.METHOD}: fp16 autocast + GradScaler, LARS: finite, lower, scaler saved",
+              all(v == v and abs(v) < 1e6 for v in losses) and losses[-1] < losses[0]
+              and again.get_scale() == scaler.get_scale(),
+              f"{losses[0]:.4f} -> {losses[-1]:.4f}, scale {scaler.get_scale():g}")
+    # probe.py's heads and k-NN on the device: as on the CPU.
+    import probe
+
+    gen = torch.Generator().manual_seed(0)
+    centres = 3 * torch.randn(10, 64, generator=gen)
+    ys = torch.randint(0, 10, (3000,), generator=gen)
+    xs_ = centres[ys] + 4 * torch.randn(3000, 64, generator=gen)
+    pargs = probe.Args()
+    accs = {}
+    for dev in (cpu, cuda):
+        fx, fy, vx, vy = (t.to(dev) for t in (xs_[:2000], ys[:2000], xs_[2000:], ys[2000:]))
+
+        def batches(fx=fx, fy=fy):
+            for idx in torch.randperm(2000, generator=gen).to(dev).split(256):
+                yield fx[idx], fy[idx]
+        accs[dev.type] = (probe.train_head("linear", pargs, 64, batches, vx, vy, 8, 1e-2, 5e-4)
+                          ["top1"], probe.knn(fx, fy, vx, vy, 20, 0.07, 10)["top1"])
+    check("probe.py: linear head and k-NN on cuda as on cpu",
+          abs(accs["cpu"][0] - accs[cuda.type][0]) < 0.03 and accs["cpu"][1] == accs[cuda.type][1]
+          or dry, f"{accs}")
     # Instance SimCLR's noise drawn on the GPU: zero-mean, the asked std, reproducible.
     model, _ = model_of(instance_simclr, noise_std=0.1)
     model = model.to(cuda)
@@ -175,8 +222,16 @@ def main():
           abs(grey.mean().item()) < 0.2 and abs(grey.std().item() - 25.5) < 0.3
           and torch.equal(a, b),
           f"mean {grey.mean().item():.3f} std {grey.std().item():.2f}")
-    # Throughput of the training step (bf16, channels_last), ResNet-18 small stem at 28 px.
-    for stem, n in (("small", 256), ("small-stride2", 256)):
+    # Throughput of the training step (channels_last), ResNet-18 small stem at 28 px: bf16, fp16,
+    # fp32 with TF32 (the method files' default) and without.
+    for stem, n, dtype, tf32 in (("small", 256, torch.bfloat16, True),
+                                 ("small-stride2", 256, torch.bfloat16, True),
+                                 ("small", 256, torch.float16, True), ("small", 256, None, True),
+                                 ("small", 256, None, False)):
+        if dry and dtype is torch.float16:
+            continue
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+        scaler = torch.amp.GradScaler(cuda.type, enabled=dtype is torch.float16)
         model, args = model_of(simclr, stem=stem)
         model = model.to(cuda, memory_format=torch.channels_last)
         opt = simclr.make_optimizer(simclr.Args(optimizer="lars"), nn_list(simclr, model), 0.3)
@@ -186,14 +241,17 @@ def main():
                 if not dry:
                     torch.cuda.synchronize()
                 start = time.time()
-            loss, probe_loss, _ = forward(simclr, model, *xs, bf16=True)
+            loss, probe_loss, _ = forward(simclr, model, *xs, dtype=dtype)
             opt.zero_grad(set_to_none=True)
-            (loss + probe_loss).backward()
-            opt.step()
+            scaler.scale(loss + probe_loss).backward()
+            scaler.step(opt)
+            scaler.update()
         if not dry:
             torch.cuda.synchronize()
         step = (time.time() - start) / (2 if dry else 20)
-        print(f"info SimCLR step, ResNet-18 {stem} stem, 28 px, batch {n}, bf16: "
+        name = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[dtype]
+        name += " (TF32)" if dtype is None and tf32 else ""
+        print(f"info SimCLR step, ResNet-18 {stem} stem, 28 px, batch {n}, {name}: "
               f"{1000 * step:.1f} ms = {n / step:.0f} images/s", flush=True)
     print("FAILED: " + ", ".join(FAILED) if FAILED else "all GPU checks passed")
     sys.exit(1 if FAILED else 0)
