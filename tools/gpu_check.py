@@ -198,7 +198,7 @@ def main():
     gen = torch.Generator().manual_seed(0)
     centres = 3 * torch.randn(10, 64, generator=gen)
     ys = torch.randint(0, 10, (3000,), generator=gen)
-    xs_ = centres[ys] + 4 * torch.randn(3000, 64, generator=gen)
+    xs_ = centres[ys] + 12 * torch.randn(3000, 64, generator=gen)  # overlapping classes
     pargs = probe.Args()
     accs = {}
     for dev in (cpu, cuda):
@@ -210,8 +210,8 @@ def main():
         accs[dev.type] = (probe.train_head("linear", pargs, 64, batches, vx, vy, 8, 1e-2, 5e-4)
                           ["top1"], probe.knn(fx, fy, vx, vy, 20, 0.07, 10)["top1"])
     check("probe.py: linear head and k-NN on cuda as on cpu",
-          abs(accs["cpu"][0] - accs[cuda.type][0]) < 0.03 and accs["cpu"][1] == accs[cuda.type][1]
-          or dry, f"{accs}")
+          abs(accs["cpu"][0] - accs[cuda.type][0]) < 0.03
+          and abs(accs["cpu"][1] - accs[cuda.type][1]) < 1.5e-3, f"{accs}")  # 1 of 1000 images
     # Instance SimCLR's noise drawn on the GPU: zero-mean, the asked std, reproducible.
     model, _ = model_of(instance_simclr, noise_std=0.1)
     model = model.to(cuda)
