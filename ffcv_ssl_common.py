@@ -44,6 +44,7 @@ from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.operation import Operation
 from ffcv.reader import Reader
+from ffcv.traversal_order import QuasiRandom
 from ffcv.transforms import NormalizeImage, Squeeze, ToDevice, ToTensor, ToTorchImage
 
 # ImageNet statistics in 0-255 units; every method file normalises with these unless told otherwise.
@@ -825,13 +826,27 @@ class SSLLoader(Loader):
         super().__init__(fname, **kwargs)
         names = list(self.pipeline_specs)
         self.output_positions = [names.index(name) for name in outputs]
+        if isinstance(self.traversal_order, QuasiRandom):  # its page table before any shuffle
+            self._initial_pages = self.traversal_order.page_to_samples_array.copy()
 
     skip_batches = 0
     """Batches to leave out at the start of the next epoch (a run resumed mid-epoch): the rest
     are the batches an uninterrupted run would have seen, with the same random views."""
 
+    _orders_drawn = 0  # epochs whose quasi-random order this loader has drawn
+
     def __iter__(self):  # ffcv's, returning our iterator
         Compiler.set_num_threads(self.num_workers)
+        if isinstance(self.traversal_order, QuasiRandom):
+            # ffcv's quasi-random order shuffles its page table in place, so epoch k's order
+            # depends on the k orders drawn before it: replay them (from the initial table if
+            # need be), so that a run resumed at epoch k sees the uninterrupted run's order.
+            if self._orders_drawn > self.next_epoch:
+                self.traversal_order.page_to_samples_array = self._initial_pages.copy()
+                self._orders_drawn = 0
+            for epoch in range(self._orders_drawn, self.next_epoch):
+                self.traversal_order.sample_order(epoch)
+            self._orders_drawn = self.next_epoch + 1
         order = self.next_traversal_order()[: len(self) * self.batch_size]
         order = order[self.skip_batches * self.batch_size:]
         self.next_epoch, self.skip_batches = self.next_epoch + 1, 0
@@ -983,7 +998,8 @@ def make_ssl_loader(beton: str | Sequence[str], views: Sequence[ViewConfig], bat
                     num_workers: int = 2, seed: int = 0, distributed: bool = False,
                     device: str | torch.device = "cpu", shared_crop: bool = False,
                     normalize: bool = True, indices=None, drop_last: bool = True,
-                    negatives: Sequence[ViewConfig] = ()) -> "SSLLoader | InterleavedLoader":
+                    negatives: Sequence[ViewConfig] = (), order: str = "random",
+                    os_cache: bool = True) -> "SSLLoader | InterleavedLoader":
     """A shuffled loader yielding `(view_1, ..., view_k, label)`, or with `negatives`
     `(view_1, ..., view_k, negative_1, ..., negative_m, label)`.
 
@@ -997,16 +1013,28 @@ def make_ssl_loader(beton: str | Sequence[str], views: Sequence[ViewConfig], bat
     augmentations (its crop settings are unused). Views are float32 (B, 3, R, R) channels_last,
     normalised, on `device`.
 
+    `order`: "random" (every epoch a fresh permutation) or "quasi_random" (ffcv's QUASI_RANDOM:
+    random within a window of the file's pages, so each epoch reads the file in large chunks;
+    for data sets larger than RAM, with `os_cache=False`; not under DDP in ffcv 1.0.2).
+    `os_cache`: True reads through the OS page cache (shared by processes; the file should fit in
+    RAM), False makes each process read and cache pages itself.
+
     Like every ffcv loader, batches live in buffers that are reused a few batches later: use each
     batch at once, and clone what you keep.
     """
     if not views:
         raise ValueError("at least one view is needed")
+    if order not in ("random", "quasi_random"):
+        raise ValueError(f"order {order!r}: use 'random' or 'quasi_random'")
+    if order == "quasi_random" and distributed:
+        raise ValueError("order 'quasi_random' is not available under DDP (ffcv 1.0.2 has no "
+                         "distributed quasi-random order): use order 'random'")
     if not isinstance(beton, str):
         per_file = indices if indices is not None else [None] * len(beton)
         loaders = [make_ssl_loader(b, views, batch_size, num_workers, seed + 65537 * k,
                                    distributed, device, shared_crop, normalize, per_file[k],
-                                   drop_last, negatives) for k, b in enumerate(beton)]
+                                   drop_last, negatives, order, os_cache)
+                   for k, b in enumerate(beton)]
         return loaders[0] if len(loaders) == 1 else InterleavedLoader(loaders, seed)
     reader = open_beton(beton)
     _check_batches(beton, reader, batch_size, drop_last, distributed, indices)
@@ -1044,15 +1072,16 @@ def make_ssl_loader(beton: str | Sequence[str], views: Sequence[ViewConfig], bat
     if shared is not None:
         pipelines["crop"] = PipelineSpec("image", decoder=shared, transforms=[])
     return SSLLoader(beton, outputs=names + negative_names + ["label"], batch_size=batch_size,
-                     num_workers=num_workers, order=OrderOption.RANDOM, seed=seed,
-                     distributed=distributed, pipelines=pipelines, drop_last=drop_last,
-                     indices=indices, os_cache=True)
+                     num_workers=num_workers, seed=seed, distributed=distributed,
+                     order=OrderOption.QUASI_RANDOM if order == "quasi_random" else
+                     OrderOption.RANDOM, pipelines=pipelines, drop_last=drop_last,
+                     indices=indices, os_cache=os_cache)
 
 
 def make_eval_loader(beton: str, resolution: int, batch_size: int, num_workers: int = 2,
                      distributed: bool = False, device: str | torch.device = "cpu",
                      crop_ratio: float = 1.0, normalize: bool = True,
-                     indices: Sequence[int] | None = None) -> SSLLoader:
+                     indices: Sequence[int] | None = None, os_cache: bool = True) -> SSLLoader:
     """A loader in file order yielding `(image, label)`: centre crop of `crop_ratio` of the short
     side (224/256 for ImageNet-style evaluation, 1.0 for small images), resized, no augmentation,
     every image once (no drop_last). Clone what you keep (see make_ssl_loader)."""
@@ -1067,7 +1096,7 @@ def make_eval_loader(beton: str, resolution: int, batch_size: int, num_workers: 
     return SSLLoader(beton, outputs=["image", "label"], batch_size=batch_size,
                      num_workers=num_workers, order=OrderOption.SEQUENTIAL, seed=0,
                      distributed=distributed, pipelines=pipelines, drop_last=False,
-                     indices=indices, os_cache=True)
+                     indices=indices, os_cache=os_cache)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -65,6 +65,13 @@ class Args:
     """Train on this many images drawn at random with `seed` (0: all); for quick runs."""
     num_workers: int = 2
     """Loader threads per process (the random views do not depend on it)."""
+    order: Literal["random", "quasi_random"] = "random"
+    """Training order: a fresh permutation every epoch, or ffcv's quasi-random order (random
+    within a window of the file's pages: large reads, for data sets larger than RAM, with
+    --no-os-cache; not under torchrun in ffcv 1.0.2)."""
+    os_cache: bool = True
+    """Read the .beton files through the OS page cache (they should fit in RAM); --no-os-cache:
+    each process reads and caches what it needs itself."""
     # ---- model ----
     arch: str = "resnet18"
     """Any torchvision ResNet: resnet18/34/50/101/152, resnext*, wide_resnet*."""
@@ -149,8 +156,8 @@ class Args:
 
 
 # Settings that do not change what is trained: a run may resume with other values of these.
-RUN_ONLY = ("num_workers", "out_dir", "resume", "checkpoint_every_min", "device", "compile",
-            "tensorboard", "wandb", "max_steps")
+RUN_ONLY = ("num_workers", "os_cache", "out_dir", "resume", "checkpoint_every_min", "device",
+            "compile", "tensorboard", "wandb", "max_steps")
 
 
 def validate(args: Args) -> None:
@@ -628,6 +635,9 @@ def main(args: Args) -> dict:
     if args.batch_size % world or local_batch < 2:
         raise ValueError(f"--batch-size {args.batch_size} must split into {world} equal shares "
                          f"of at least 2 images")
+    if args.order == "quasi_random" and distributed:
+        raise ValueError("--order quasi_random is not available under torchrun (ffcv 1.0.2 has no "
+                         "distributed quasi-random order); use --order random")
     if args.train_subset and args.train_subset // world < local_batch:
         raise ValueError(f"--train-subset {args.train_subset} is smaller than one batch "
                          f"({local_batch} images per process); raise it or lower --batch-size")
@@ -661,9 +671,9 @@ def main(args: Args) -> dict:
     indices = subset_indices(args.train_beton, args.train_subset, args.seed)
     train_loader = make_ssl_loader(args.train_beton, [args.view1, args.view2], local_batch,
                                    args.num_workers, args.seed, distributed, device,
-                                   indices=indices)
+                                   indices=indices, order=args.order, os_cache=args.os_cache)
     val_loader = make_eval_loader(args.val_beton, args.view1.resolution, 512, args.num_workers,
-                                  distributed, device)
+                                  distributed, device, os_cache=args.os_cache)
 
     # Model and optimisers
     model = VICReg(args, stem).to(device, memory_format=torch.channels_last)

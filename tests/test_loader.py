@@ -342,3 +342,37 @@ def test_eval_centre_crop_matches_torchvision(tmp_path):
                                   (w - c) // 2, c, c, [side, side], antialias=True)
             diff = (out.int() - ref.int()).abs()
             assert diff.max() <= 1 and (diff > 0).float().mean() < 0.02, (side, shapes)
+
+
+def test_quasi_random_order_every_image_once_and_resumed_exactly(betons):
+    """order="quasi_random" (ffcv's QUASI_RANDOM, for data larger than RAM) with os_cache=False:
+    each epoch every image once, a new order each epoch, and a fresh loader started at epoch 2
+    (a resumed run), also mid-epoch, yields the uninterrupted loader's batches. ffcv's order
+    shuffles its page table in place (epoch 2's order depends on epochs 0 and 1 having been
+    drawn), so the loader replays the earlier epochs' draws: checked to matter."""
+    def make(**kw):
+        return C.make_ssl_loader(betons["train"], [C.ViewConfig(resolution=16)], batch_size=64,
+                                 num_workers=1, seed=3, order="quasi_random", os_cache=False, **kw)
+
+    run = make()
+    epochs = [collect(run) for _ in range(3)]
+    for view, labels in epochs:
+        assert torch.equal(torch.bincount(labels, minlength=10), torch.full((10,), 32))
+    assert not torch.equal(epochs[0][1], epochs[1][1]) and not torch.equal(epochs[1][1],
+                                                                           epochs[2][1])
+    resumed = make()
+    resumed.next_epoch = 2
+    assert all(torch.equal(a, b) for a, b in zip(collect(resumed), epochs[2]))
+    resumed.next_epoch, resumed.skip_batches = 2, 3  # after 3 of its 5 batches
+    assert all(torch.equal(a, b[3 * 64:]) for a, b in zip(collect(resumed), epochs[2]))
+    # Without the replay, epoch 2's order would differ.
+    order = resumed.traversal_order
+    order.page_to_samples_array = resumed._initial_pages.copy()
+    drawn_first = order.sample_order(2).copy()
+    order.page_to_samples_array = resumed._initial_pages.copy()
+    replayed = [order.sample_order(e).copy() for e in range(3)][2]
+    assert sorted(drawn_first) == sorted(replayed) and list(drawn_first) != list(replayed)
+    with pytest.raises(ValueError, match="not available under DDP"):
+        make(distributed=True)
+    with pytest.raises(ValueError, match="use 'random' or 'quasi_random'"):
+        C.make_ssl_loader(betons["train"], [C.ViewConfig(resolution=16)], 64, order="shuffle")
