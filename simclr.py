@@ -14,11 +14,11 @@ Killed or pre-empted? Run the same command again: it resumes exactly where the l
 
 Measured (README, Quick start; 2026-11-26, 2-core Xeon with AMX, bf16): the main job (`make demo`:
 this file with the CPU recipe of benchmarks/bench_fashion_mnist.py, 28 px, ResNet-18 with the
-stride-2 small stem, torchvision init, batch 128, AdamW, 6 minutes = ~300 steps) gives a linear
-probe of 83.2-83.3% top-1 against 80.8% ± 0.7 for three random inits (+2.4, +2.5 in two runs), MLP
-84.4-84.5% against 82.3% (+2.0, +2.2), k-NN 77.4-78.0% against 79.0% (-1.6, -1.0). Earlier
-(2026-11-25, older code), 2 epochs with the stride-1 small stem on another CPU: linear 86.0%
-against 83.5%, MLP 90.3% against 87.3%.
+stride-2 small stem, torchvision init, batch 64, AdamW, 6 minutes = 585 steps) gives a linear
+probe of 83.4% top-1 against 80.8% +- 0.7 for three random inits (+2.6), MLP 84.3% against 82.3%
+(+1.9), k-NN 78.4% against 79.0% (-0.6); the previous recipe (batch 128) +2.4 / +2.5 linear in
+two runs. Earlier (2026-11-25, older code), 2 epochs with the stride-1 small stem on another CPU:
+linear 86.0% against 83.5%, MLP 90.3% against 87.3%.
 """
 
 import hashlib

@@ -90,29 +90,27 @@ def test_stopped_mid_epoch_and_resumed_gives_bit_identical_weights(script, beton
         {k: v for k, v in r.items() if k not in drop} for r in ref]
 
 
-def test_fp16_and_its_gradient_scaler_resume_bit_identical(betons, tmp_path):
+def test_fp16_and_its_gradient_scaler_are_saved_and_resumed(betons, tmp_path):
     """--precision fp16 (autocast and a gradient scaler, for GPUs before Ampere) on the CPU: the
-    scaler's state is saved in the checkpoint, and a run stopped mid-epoch and resumed ends with
-    the uninterrupted run's weights and scaler state, bit for bit (a fresh scaler after the
-    resume would have counted 1 good step, not 2). CPUs emulate fp16 convolutions' backward
-    (~1 s per image here), hence 2 steps of 4 images."""
-    fp16 = ["--precision", "fp16", "--epochs", "1", "--batch-size", "4", "--train-subset", "8"]
-    run_method("simclr.py", betons, tmp_path / "straight", *fp16)
-    run_method("simclr.py", betons, tmp_path / "stopped", *fp16, "--max-steps", "1")
-    stopped = torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=True)
-    assert stopped["step"] == 1 and {"scale", "_growth_tracker"} <= set(stopped["scaler"])
-    resumed = run_method("simclr.py", betons, tmp_path / "stopped", *fp16)
+    scaler's state is saved in the checkpoint and restored on resume. Here the first step's
+    gradients overflow at torch's initial scale 2^16 (the step is skipped, the scale halved);
+    after the resume the second step counts as the first good one at 2^15. A fresh scaler after
+    the resume would be at 2^16 (or at 2^15 with no good step). CPUs emulate fp16 convolutions'
+    backward (~6 s per step here even for 2 images), hence 2 steps of 2 images and no
+    uninterrupted reference run (bit-identical resume is tested in fp32 / bf16 elsewhere)."""
+    fp16 = ["--precision", "fp16", "--epochs", "1", "--batch-size", "2", "--train-subset", "4"]
+    run_method("simclr.py", betons, tmp_path, *fp16, "--max-steps", "1")
+    stopped = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["scaler"]
+    assert (stopped["scale"], stopped["_growth_tracker"]) == (32768.0, 0)
+    resumed = run_method("simclr.py", betons, tmp_path, *fp16)
     assert "at epoch 0, batch 1 (step 1)" in resumed.stdout
-    a, b = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=True)
-            for d in ("straight", "stopped"))
-    assert a["step"] == b["step"] == 2 and a["scaler"] == b["scaler"]
-    scale, good = a["scaler"]["scale"], a["scaler"]["_growth_tracker"]
-    assert scale == 65536.0 * 0.5 ** round(math.log2(65536.0 / scale)) and good <= 2
-    assert same_weights(tmp_path / "straight" / "backbone.pt", tmp_path / "stopped" / "backbone.pt")
-    info = json.load(open(tmp_path / "straight" / "args.json"))
+    done = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert done["step"] == 2
+    assert (done["scaler"]["scale"], done["scaler"]["_growth_tracker"]) == (32768.0, 1)
+    info = json.load(open(tmp_path / "args.json"))
     assert info["resolved"]["precision"] == "fp16"
-    epoch = [json.loads(line) for line in open(tmp_path / "straight" / "log.jsonl")][-1]
-    assert epoch["loss_scale"] == scale and math.isfinite(epoch["loss"])
+    epoch = [json.loads(line) for line in open(tmp_path / "log.jsonl")][-1]
+    assert epoch["loss_scale"] == 32768.0 and math.isfinite(epoch["loss"])
 
 
 def test_unlabelled_images_and_two_training_files(betons, unlabelled_beton, tmp_path):
