@@ -30,7 +30,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -73,6 +73,11 @@ class Args:
     os_cache: bool = True
     """Read the .beton files through the OS page cache (they should fit in RAM); --no-os-cache:
     each process reads and caches what it needs itself."""
+    resolution_schedule: tuple[int, int, int] | None = None
+    """Progressive resolution (ffcv-imagenet, FFCV-SSL): START END RAMP_EPOCHS: the views are
+    START px in epoch 0, grow linearly to END px at epoch RAMP_EPOCHS (multiples of 8 in between)
+    and stay there; END replaces the views' resolution (evaluation, stem and export use it).
+    Early epochs cost less; a resumed run takes up its epoch's resolution again."""
     # ---- model ----
     arch: str = "resnet18"
     """Any torchvision ResNet: resnet18/34/50/101/152, resnext*, wide_resnet*."""
@@ -187,6 +192,10 @@ def validate(args: Args) -> None:
         ("--max-steps", args.max_steps, args.max_steps >= 0, ">= 0 (0: no limit)"),
         ("--time-budget-min", args.time_budget_min, args.time_budget_min >= 0,
          ">= 0 minutes (0: train --epochs epochs)"),
+        ("--resolution-schedule", args.resolution_schedule, args.resolution_schedule is None
+         or (8 <= args.resolution_schedule[0] <= args.resolution_schedule[1] <= 4096
+             and args.resolution_schedule[2] >= 1),
+         "START END RAMP_EPOCHS with 8 <= START <= END <= 4096 and RAMP_EPOCHS >= 1"),
         # ALGO LOGIC: the method's own settings
         ("--base-lr-biases", args.base_lr_biases, args.base_lr_biases >= 0, ">= 0"),
         ("--lambd", args.lambd, args.lambd >= 0, ">= 0 (the paper: 0.0051)"),
@@ -220,6 +229,18 @@ def make_backbone(arch: str, stem: str, zero_init_residual: bool = True) -> tupl
         net.conv1 = nn.Conv2d(3, net.conv1.out_channels, 3, stride, 1, bias=False)
         net.maxpool = nn.Identity()
     return net, width
+
+
+def epoch_resolution(schedule: tuple[int, int, int] | None, resolution: int, epoch: int) -> int:
+    """The views' side in `epoch`: `resolution` without a schedule; else START, growing linearly
+    to END at epoch RAMP_EPOCHS, rounded down to a multiple of 8 (ffcv-imagenet: 32) but not
+    below START."""
+    if schedule is None:
+        return resolution
+    start, end, ramp = schedule
+    if epoch >= ramp:
+        return end
+    return max(start, (start + (end - start) * epoch // ramp) // 8 * 8)
 
 
 def resolve_stem(stem: str, resolution: int) -> str:
@@ -635,7 +656,8 @@ def main(args: Args) -> dict:
     amp_dtype = autocast_dtype(args.precision, device)
     if device.type == "cuda":  # no effect before Ampere
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
-    stem = resolve_stem(args.stem, args.view1.resolution)
+    resolution = args.resolution_schedule[1] if args.resolution_schedule else args.view1.resolution
+    stem = resolve_stem(args.stem, resolution)
     ckpt_path = os.path.join(args.out_dir, "checkpoint.pt")
     log_path = os.path.join(args.out_dir, "log.jsonl")
     resuming = args.resume and os.path.exists(ckpt_path)
@@ -656,10 +678,18 @@ def main(args: Args) -> dict:
 
     # Data
     indices = subset_indices(args.train_beton, args.train_subset, args.seed)
-    train_loader = make_ssl_loader(args.train_beton, [args.view1, args.view2], local_batch,
-                                   args.num_workers, args.seed, distributed, device,
-                                   indices=indices, order=args.order, os_cache=args.os_cache)
-    val_loader = make_eval_loader(args.val_beton, args.view1.resolution, 512, args.num_workers,
+
+    def train_loader_at(size: int):  # --resolution-schedule: a new loader when the size changes
+        views = [args.view1, args.view2]
+        if args.resolution_schedule:
+            views = [replace(view, resolution=size) for view in views]
+        return make_ssl_loader(args.train_beton, views, local_batch, args.num_workers, args.seed,
+                               distributed, device, indices=indices, order=args.order,
+                               os_cache=args.os_cache)
+
+    loader_size = epoch_resolution(args.resolution_schedule, resolution, 0)
+    train_loader = train_loader_at(loader_size)
+    val_loader = make_eval_loader(args.val_beton, resolution, 512, args.num_workers,
                                   distributed, device, os_cache=args.os_cache)
 
     # Model and optimisers
@@ -733,6 +763,9 @@ def main(args: Args) -> dict:
     caught, saved_at, stop, result = catch_preemption(), time.time(), False, {}
     spent = bool(budget_s) and elapsed >= budget_s  # the time budget is used up
     while epoch < args.epochs and not stop and not spent:
+        if epoch_resolution(args.resolution_schedule, resolution, epoch) != loader_size:
+            loader_size = epoch_resolution(args.resolution_schedule, resolution, epoch)
+            train_loader = train_loader_at(loader_size)  # same seeds: same crops, new size
         train_loader.next_epoch, train_loader.skip_batches = epoch, batch  # this epoch's order
         bar = tqdm(train_loader, desc=f"epoch {epoch}", total=steps_per_epoch, initial=batch,
                    disable=not main_process, leave=False)
@@ -785,6 +818,7 @@ def main(args: Args) -> dict:
         epochs_done = round(epoch + batch / steps_per_epoch, 4)  # < epoch + 1 if the budget ran out
         epoch, batch = epoch + 1, 0
         result = {"epoch": epochs_done, "step": step, "loss": epoch_loss, **term_means, "lr": lr,
+                  "resolution": loader_size,
                   "images_per_s": images_per_s, **monitors, "train_min": elapsed / 60,
                   **({"loss_scale": scaler.get_scale()} if scaler.is_enabled() else {}),
                   "replicas_equal": replicas}
@@ -811,7 +845,7 @@ def main(args: Args) -> dict:
         save_atomic(model.backbone.state_dict(), os.path.join(args.out_dir, "backbone.pt"))
         with open(os.path.join(args.out_dir, "backbone.json"), "w") as f:
             json.dump({"arch": args.arch, "stem": stem_spec(model.backbone),
-                       "resolution": args.view1.resolution, "method": METHOD}, f)
+                       "resolution": resolution, "method": METHOD}, f)
     if main_process:
         if os.path.exists(log_path):
             plot_curves(log_path, os.path.join(args.out_dir, "curves.png"))

@@ -396,12 +396,12 @@ def test_enlarged_crop_is_interpolated_not_repeated():
 
 
 def test_antialias_weights_are_a_normalised_triangle():
-    first, count, weights = C.antialias_weights(100, 10)  # shrinking 10x: 10 px each side
+    first, count, weights = C.antialias_weights(0.0, 100.0, 10)  # shrinking 10x: 10 px each side
     assert np.allclose(weights.sum(1), 1) and count.max() <= 21
     x = 5  # an inner output pixel: centre 55 in input coordinates, a symmetric triangle
     w = weights[x, :count[x]]
     assert np.allclose(w, w[::-1]) and np.argmax(w) in (count[x] // 2 - 1, count[x] // 2)
-    first, count, weights = C.antialias_weights(4, 8)  # enlarging: two neighbours, bilinear
+    first, count, weights = C.antialias_weights(0.0, 4.0, 8)  # enlarging: two neighbours, bilinear
     assert count.max() <= 3
     centre = (np.arange(8) + 0.5) / 2 - 0.5  # where each output pixel falls in input pixels
     got = np.array([(weights[x, :count[x]] * (first[x] + np.arange(count[x]))).sum()

@@ -211,3 +211,26 @@ def test_main_job_prints_the_table_it_computed(betons, tmp_path):
         row = (f"| {head} | {a:.2f}% | {mean:.2f}% ± {statistics.stdev(b):.2f} | "
                f"{b[0]:.2f} / {b[1]:.2f} | **{a - mean:+.2f}** |")
         assert row in table, (row, table)
+
+
+def test_resolution_schedule_grows_the_views_and_resumes_exactly(betons, tmp_path):
+    """--resolution-schedule 16 24 1 over 2 epochs: 16 then 24 px views (a new loader, compiled
+    for the new size), evaluation and export at 24 px; a run stopped in epoch 1 resumes with
+    that epoch's loader and ends with the uninterrupted run's weights, bit for bit."""
+    from simclr import epoch_resolution
+
+    assert [epoch_resolution((16, 32, 2), 99, e) for e in range(4)] == [16, 24, 32, 32]
+    assert [epoch_resolution((16, 160, 10), 99, e) for e in (0, 1, 5, 9, 10)] == [
+        16, 24, 88, 144, 160]  # 16 + 144 e / 10, rounded down to multiples of 8
+    assert epoch_resolution(None, 28, 3) == 28
+    flags = ["--resolution-schedule", "16", "24", "1"]
+    straight = tmp_path / "straight"
+    run_method("simclr.py", betons, straight, *flags)
+    rows = [json.loads(line) for line in open(straight / "log.jsonl")]
+    assert [r["resolution"] for r in rows if "probe_acc" in r] == [16, 24]
+    assert json.load(open(straight / "backbone.json"))["resolution"] == 24
+    stopped = tmp_path / "stopped"
+    run_method("simclr.py", betons, stopped, *flags, "--max-steps", "7")  # epoch 1, batch 2
+    resumed = run_method("simclr.py", betons, stopped, *flags)
+    assert "at epoch 1, batch 2 (step 7)" in resumed.stdout
+    assert same_weights(straight / "backbone.pt", stopped / "backbone.pt")

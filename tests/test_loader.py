@@ -376,3 +376,102 @@ def test_quasi_random_order_every_image_once_and_resumed_exactly(betons):
         make(distributed=True)
     with pytest.raises(ValueError, match="use 'random' or 'quasi_random'"):
         C.make_ssl_loader(betons["train"], [C.ViewConfig(resolution=16)], 64, order="shuffle")
+
+
+# ---- decoding JPEGs: once per image, only what the crops need ----
+@pytest.fixture(scope="module")
+def jpeg_photos(tmp_path_factory):
+    """24 crops (180-512 px a side) of real photos stored as JPEG (quality 90) in a .beton."""
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+
+    from conftest import photos
+
+    rng = np.random.default_rng(3)
+    images = []
+    for k in range(24):
+        p = photos()[k % 4]
+        h, w = (int(rng.integers(180, min(p.shape[0], 512) + 1)),
+                int(rng.integers(180, min(p.shape[1], 512) + 1)))
+        y, x = rng.integers(0, p.shape[0] - h + 1), rng.integers(0, p.shape[1] - w + 1)
+        images.append((np.ascontiguousarray(p[y:y + h, x:x + w]), k % 4))
+    path = str(tmp_path_factory.mktemp("jpeg") / "photos.beton")
+    DatasetWriter(path, {"image": RGBImageField(write_mode="jpg", jpeg_quality=90),
+                         "label": IntField()}, num_workers=1).from_indexed_dataset(images)
+    return path
+
+
+def test_jpeg_decode_plan_scale_and_region():
+    boxes = np.array([[40, 70, 300, 260]], np.int64)  # i, j, h, w
+    # 32 px views: 260 >= 2 * 4 * 2 * 32 is false, >= 2 * 2 * 2 * 32 true: decode at 1/4.
+    y0, x0, rh, rw, d, cut = C.jpeg_decode_plan(boxes, 400, 500, 32, 32, 0.0, 2.0)
+    assert (y0, x0, rh, rw, d, cut) == (0, 0, 400, 500, 4, False)
+    # 224 px views: no reduction; a margin of 1 allows 1/1 only too (260 < 2 * 224).
+    assert C.jpeg_decode_plan(boxes, 400, 500, 224, 224, 0.0, 1.0)[4] == 1
+    # Cutting (region <= max area): the top-left corner goes down to the 16-pixel MCU grid and
+    # the region still ends where the box ends.
+    y0, x0, rh, rw, d, cut = C.jpeg_decode_plan(boxes, 400, 500, 32, 32, 1.0, 2.0)
+    assert cut and (y0, x0) == (32, 64) and (y0 + rh, x0 + rw) == (340, 330)
+    # Two boxes: their union is decoded; the smaller box sets the scale.
+    two = np.array([[40, 70, 300, 260], [200, 10, 70, 90]], np.int64)
+    y0, x0, rh, rw, d, cut = C.jpeg_decode_plan(two, 400, 500, 32, 32, 1.0, 1.0)
+    assert (y0, x0, y0 + rh, x0 + rw, d) == (32, 0, 340, 330, 2)  # 70 >= 2 * 32: 1/2
+    assert C.jpeg_decode_plan(two, 400, 500, 32, 32, 1.0, 2.0)[4] == 1  # 70 < 2 * 2 * 32
+    assert not C.jpeg_decode_plan(two, 400, 500, 32, 32, 0.4, 1.0)[5]  # 48% of the image: whole
+
+
+def test_resample_box_at_a_reduced_scale_matches_the_full_image():
+    """A box resampled from the image shrunk 2x by averaging 2x2 blocks (what a JPEG decoded at
+    1/2 approximates) is within a grey level or two of the box resampled from the full image,
+    when the box is >= 4x the output: fractional box edges are placed right (an off-by-one
+    would move the whole view by a pixel)."""
+    from conftest import photos
+
+    img = photos(512)[0]
+    half = img.reshape(256, 2, 256, 2, 3).astype(np.float64).mean((1, 3)).round().astype(np.uint8)
+    for (i, j, h, w) in [(37, 81, 301, 263), (0, 0, 512, 512), (211, 5, 256, 300)]:
+        ref = np.zeros((48, 48, 3), np.uint8)
+        got = np.zeros((48, 48, 3), np.uint8)
+        C.resize_crop_antialias(img, i, i + h, j, j + w, ref)
+        C.resample_box(half, i / 2, h / 2, j / 2, w / 2, got)
+        diff = np.abs(ref.astype(int) - got.astype(int))
+        assert diff.mean() < 1.0 and np.percentile(diff, 99) <= 4, (i, j, h, w, diff.mean())
+        shifted = np.zeros_like(got)  # the same box one pixel of the half image off
+        C.resample_box(half, i / 2 + 1, h / 2, j / 2 + 1, w / 2, shifted)
+        assert np.abs(ref.astype(int) - shifted.astype(int)).mean() > 2 * diff.mean()
+
+
+def _views(path, views, **kw):
+    return collect(C.make_ssl_loader(path, views, batch_size=8, num_workers=2, normalize=False,
+                                     seed=5, **kw))
+
+
+def test_views_cut_from_one_decode_equal_one_decoder_per_view(jpeg_photos):
+    """MultiViewCrop (one decode per image for both views) gives exactly the views of one
+    decoder per view, augmentations included (BYOL's: blur, solarisation)."""
+    views = C.byol_views(40)
+    once = _views(jpeg_photos, views, partial_decode=False)
+    per_view = _views(jpeg_photos, views, partial_decode=False, decode_once=False)
+    assert len(once) == 3 and once[0].shape == (24, 3, 40, 40)
+    for a, b in zip(once, per_view):
+        assert torch.equal(a, b)
+    assert not torch.equal(once[0], once[1])  # two different views
+
+
+def test_partial_jpeg_decoding_stays_within_a_grey_level(jpeg_photos, monkeypatch):
+    """Decoding JPEGs at a reduced scale (32 px views of 180-512 px photos: 1/2 and 1/4), and
+    cutting the JPEG to the crops' region before decoding (forced for every image here), against
+    decoding every pixel: within one grey level on average, and the worst image within 1.5."""
+    bare = C.ViewConfig(resolution=32, crop_scale=(0.3, 1.0), flip_p=0, jitter_p=0,
+                        grayscale_p=0)
+    exact = _views(jpeg_photos, [bare, bare], partial_decode=False, decode_once=False)[:2]
+    scaled = _views(jpeg_photos, [bare, bare])[:2]
+    monkeypatch.setattr(C, "JPEG_CROP_MAX_AREA", 1.0)
+    cut = _views(jpeg_photos, [bare, bare])[:2]
+    for got in (scaled, cut):
+        for a, b in zip(exact, got):
+            diff = (a.float() - b.float()).abs()
+            assert diff.mean() < 1.0 and diff.mean((1, 2, 3)).max() < 1.5, diff.mean()
+            assert not torch.equal(a, b)  # the reduced decode did run
+    # A wrong region (the cut's offset ignored) would be far off: the check can fail.
+    assert (exact[0].float() - exact[0].roll(3, dims=3).float()).abs().mean() > 3

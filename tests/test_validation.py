@@ -25,7 +25,10 @@ COMMON = [("num_classes", 0, "--num-classes"), ("train_subset", -1, "--train-sub
           ("lars_eta", 0.0, "--lars-eta"), ("warmup_epochs", 200.0, "--warmup-epochs"),
           ("warmup_epochs", -1.0, "--warmup-epochs"), ("probe_lr", 0.0, "--probe-lr"),
           ("out_dir", " ", "--out-dir"), ("checkpoint_every_min", -1.0, "--checkpoint-every-min"),
-          ("seed", -1, "--seed"), ("max_steps", -5, "--max-steps")]
+          ("seed", -1, "--seed"), ("max_steps", -5, "--max-steps"),
+          ("resolution_schedule", (32, 16, 2), "--resolution-schedule"),
+          ("resolution_schedule", (4, 16, 2), "--resolution-schedule"),
+          ("resolution_schedule", (16, 32, 0), "--resolution-schedule")]
 OWN = {
     "simclr": [("temperature", 0.0, "--temperature"), ("temperature", -1.0, "--temperature")],
     "barlowtwins": [("lambd", -0.1, "--lambd"), ("base_lr_biases", -1.0, "--base-lr-biases")],
