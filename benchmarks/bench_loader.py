@@ -190,6 +190,25 @@ def main(args: Args) -> None:
                                           out_dir=args.work_dir, name=name, write_mode="jpg",
                                           jpeg_quality=90, num_workers=args.num_workers))
     print(f"data ready in {time.perf_counter() - t:.0f} s: {beton}", flush=True)
+    if len(args.resolutions) > 1:
+        # One process per resolution: an ffcv loader's buffers outlive it (a process that builds
+        # the 20 loaders of a full run grows past 20 GiB and is killed), and every resolution
+        # then starts from the same state.
+        rows, first_batch = {}, None
+        for resolution in args.resolutions:
+            part = f"{os.path.splitext(args.out)[0]}_{resolution}px.json"
+            cmd = [sys.executable, os.path.abspath(__file__), "--num-images",
+                   str(args.num_images), "--batch-size", str(args.batch_size), "--num-workers",
+                   str(args.num_workers), "--resolutions", str(resolution), "--recipes",
+                   *args.recipes, "--warmup-batches", str(args.warmup_batches), "--work-dir",
+                   args.work_dir, "--out", part]
+            subprocess.run(cmd, check=True, cwd=ROOT)
+            done = json.load(open(part))
+            rows.update(done["rows"])
+            first_batch = first_batch or done["first_batch_warm_s"]
+        results = {**done, "rows": rows, "first_batch_warm_s": first_batch,
+                   "command": "python benchmarks/bench_loader.py " + " ".join(sys.argv[1:])}
+        return finish(results, args)
     results: dict = {"cpu": cpu_name(), "date": time.strftime("%Y-%m-%d"),
                      "command": "python benchmarks/bench_loader.py " + " ".join(sys.argv[1:]),
                      "num_images": args.num_images, "batch_size": args.batch_size,
@@ -223,7 +242,10 @@ def main(args: Args) -> None:
     results["first_batch_warm_s"] = first_batch_seconds(beton, args.resolutions[0], args)
     print(f"first batch of a new process (numba cache warm): "
           f"{results['first_batch_warm_s']:.1f} s", flush=True)
+    finish(results, args)
 
+
+def finish(results: dict, args: Args) -> None:
     table = markdown(results, args)
     print("\n" + table)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
