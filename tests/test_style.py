@@ -15,7 +15,8 @@ SHARED = ["make_backbone", "stem_spec", "mlp", "probe_loss_of", "LARS", "param_g
           "MONITOR_IMAGES", "resolve_stem", "global_mean", "plot_curves",
           "bf16_is_fast", "autocast_dtype", "PRECISION_NAMES", "setup_processes",
           "save_provenance", "save_atomic", "flat_settings", "load_checkpoint", "start_fresh",
-          "catch_preemption", "agree", "check_replicas", "RUN_ONLY", "CHECKPOINT_KEYS", "RESNETS"]
+          "catch_preemption", "agree", "check_replicas", "RUN_ONLY", "CHECKPOINT_KEYS", "RESNETS",
+          "epoch_resolution"]
 
 
 def definitions(path):
