@@ -635,6 +635,12 @@ class GaussianNoise(_BatchOp):
         super().__init__(p, std, seed=seed)
 
 
+def check_crop(scale, ratio) -> None:
+    if not 0 < scale[0] <= scale[1] <= 1 or not 0 < ratio[0] <= ratio[1]:
+        raise ValueError(f"crop scale must be in (0, 1] and ordered, ratio positive and "
+                         f"ordered; got scale={scale}, ratio={ratio}")
+
+
 class RandomResizedCrop(RandomResizedCropRGBImageDecoder):
     """ffcv's RandomResizedCropRGBImageDecoder (decode, crop and resize in one pass), with the
     crop boxes drawn from our counter-based generator so that they can be reproduced, and the
@@ -643,9 +649,7 @@ class RandomResizedCrop(RandomResizedCropRGBImageDecoder):
     def __init__(self, output_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), seed=0,
                  partial_decode=True):
         super().__init__(output_size, scale, ratio)
-        if not 0 < scale[0] <= scale[1] <= 1 or not 0 < ratio[0] <= ratio[1]:
-            raise ValueError(f"crop scale must be in (0, 1] and ordered, ratio positive and "
-                             f"ordered; got scale={scale}, ratio={ratio}")
+        check_crop(scale, ratio)
         self.seed = seed
         self.anchor_seed = seed  # NegativePatchCrop: the seed of the crop to avoid
         # JPEGs: decode only the crop's region, at a reduced scale (jpeg_decode_plan); False
@@ -773,7 +777,7 @@ class MultiViewCrop(RandomResizedCrop):
     def __init__(self, resolution: int, scales, ratios, seeds, partial_decode=True):
         super().__init__((resolution, resolution), scales[0], ratios[0], seeds[0], partial_decode)
         for scale, ratio in zip(scales, ratios):
-            RandomResizedCrop((resolution, resolution), scale, ratio)  # the same checks
+            check_crop(scale, ratio)
         self.scales, self.ratios, self.seeds = list(scales), list(ratios), list(seeds)
 
     def declare_state_and_memory(self, previous_state):

@@ -776,9 +776,9 @@ def main(args: Args) -> dict:
     caught, saved_at, stop, result = catch_preemption(), time.time(), False, {}
     spent = bool(budget_s) and elapsed >= budget_s  # the time budget is used up
     while epoch < args.epochs and not stop and not spent:
-        if epoch_resolution(args.resolution_schedule, resolution, epoch) != loader_size:
-            loader_size = epoch_resolution(args.resolution_schedule, resolution, epoch)
-            train_loader = train_loader_at(loader_size)  # same seeds: same crops, new size
+        size = epoch_resolution(args.resolution_schedule, resolution, epoch)
+        if size != loader_size:  # same seeds: the same crops, at the new size
+            loader_size, train_loader = size, train_loader_at(size)
         train_loader.next_epoch, train_loader.skip_batches = epoch, batch  # this epoch's order
         bar = tqdm(train_loader, desc=f"epoch {epoch}", total=steps_per_epoch, initial=batch,
                    disable=not main_process, leave=False)
