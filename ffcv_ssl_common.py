@@ -29,23 +29,33 @@ import os
 from dataclasses import dataclass, replace
 from typing import Literal, Sequence
 
+import llvmlite.binding
 import numba
+import numba.typed
 import numpy as np
 import torch
-from ffcv.fields import IntField, RGBImageField
-from ffcv.fields.basics import IntDecoder
-from ffcv.fields.rgb_image import (IMAGE_MODES,
-                                   RandomResizedCropRGBImageDecoder)
-from ffcv.libffcv import imdecode
-from ffcv.loader import Loader, OrderOption
-from ffcv.loader.epoch_iterator import IS_CUDA, EpochIterator
-from ffcv.pipeline import PipelineSpec
-from ffcv.pipeline.allocation_query import AllocationQuery
-from ffcv.pipeline.compiler import Compiler
-from ffcv.pipeline.operation import Operation
-from ffcv.reader import Reader
-from ffcv.traversal_order import QuasiRandom
-from ffcv.transforms import NormalizeImage, Squeeze, ToDevice, ToTensor, ToTorchImage
+from numba.core.dispatcher import Dispatcher
+
+# ffcv's rgb_image module builds a numba typed Dict when imported (IMAGE_MODES, which ffcv only
+# reads from Python), and the first typed Dict of a process compiles numba's dictionary code: 3 s
+# of every start. A plain dict answers the same lookups.
+numba.typed.Dict, _TypedDict = dict, numba.typed.Dict
+try:
+    import ffcv._libffcv
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.loader.epoch_iterator import IS_CUDA, EpochIterator
+    from ffcv.pipeline import PipelineSpec
+    from ffcv.pipeline.allocation_query import AllocationQuery
+    from ffcv.pipeline.compiler import Compiler
+    from ffcv.pipeline.operation import Operation
+    from ffcv.reader import Reader
+    from ffcv.traversal_order import QuasiRandom
+    from ffcv.transforms import NormalizeImage, Squeeze, ToDevice, ToTensor, ToTorchImage
+finally:
+    numba.typed.Dict = _TypedDict
 
 # ImageNet statistics in 0-255 units; every method file normalises with these unless told otherwise.
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406]) * 255
@@ -62,6 +72,53 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225]) * 255
 # whatever compiled it first (tests/test_augmentations.py checks both orders).
 _NUMBA_FLAGS = dict(cache=True, nogil=True, fastmath=False, error_model="numpy")
 _njit = numba.njit(**_NUMBA_FLAGS)
+
+
+def _cached(code):
+    """Marks the function an Operation hands to ffcv: ffcv compiles it anew in every process
+    (0.5-3 s per operation, most of a loader's first batch), our Compiler.compile (below, with
+    the loaders) compiles it with cache=True. numba keys the cache on the closure's values, so
+    they must be plain numbers and arrays; functions it calls must be module-level: a compiled
+    function in a closure is a new object in every process, and would miss the cache."""
+    for cell in code.__closure__ or ():
+        assert not isinstance(cell.cell_contents, Dispatcher), (code, cell.cell_contents)
+    code.cacheable = True
+    return code
+
+
+# ffcv's C++ decoder (libjpeg-turbo, with a crop window and 1/2-1/8 scales), declared by its
+# symbol: ffcv's ctypes wrapper puts the function's address into the machine code, which numba
+# cannot cache. The C bool arguments (enable_crop, hflip) are passed as uint8 0 / 1.
+llvmlite.binding.load_library_permanently(ffcv._libffcv.__file__)
+_U32 = numba.types.uint32
+imdecode = numba.types.ExternalFunction("imdecode", numba.types.int32(
+    numba.types.voidptr, numba.types.uint64, _U32, _U32,  # JPEG bytes, size, height, width
+    numba.types.voidptr, _U32, _U32, _U32, _U32,  # output, crop height, width, x, y
+    _U32, _U32, numba.types.uint8, numba.types.uint8))  # scale num, denom, enable_crop, hflip
+JPG = 0  # ffcv's IMAGE_MODES["jpg"]: the `mode` of an image stored as a JPEG
+
+
+def read_sample(address, state):
+    """The stored bytes of the sample at `address`, from a loader's memory state: ffcv's
+    memory_read, as a module-level function that cached code can call (ffcv compiles its own
+    anew in every process)."""
+    raise NotImplementedError("numba only")
+
+
+@numba.extending.overload(read_sample)
+def _read_sample(address, state):
+    if len(state) == 3:  # os_cache=True: (the file's bytes, sample addresses, sample sizes)
+        def read(address, state):
+            size = state[2][np.searchsorted(state[1], address)]
+            return state[0][address:address + size]
+    else:  # os_cache=False: (pages in memory, sample addresses, sizes, page -> memory slot)
+        def read(address, state):
+            size = state[2][np.searchsorted(state[1], address)]
+            page_size = np.uint64(state[0].shape[1])
+            page = address // page_size
+            offset = address - page * page_size
+            return state[0][state[3][page], offset:offset + size]
+    return read
 
 
 # ----------------------------------------------------------------------------------------------
@@ -475,6 +532,23 @@ def crop_boxes(image, boxes, y0, x0, denom, dst):
         resample_box(image, (i - y0) / denom, h / denom, (j - x0) / denom, w / denom, dst[v])
 
 
+RANDOM_BOX, CENTRE_BOX, NEGATIVE_BOX = 0, 1, 2
+
+
+@_njit
+def crop_box(kind, key, anchor_key, height, width, scale, log_ratio):
+    """The decoders' crop (i, j, h, w): RANDOM_BOX, torchvision's RandomResizedCrop box;
+    CENTRE_BOX, the centred square of side scale[0] x the short side; NEGATIVE_BOX, a patch the
+    size of the anchor's random box (drawn from anchor_key) placed away from it."""
+    if kind == CENTRE_BOX:
+        side = int(scale[0] * min(height, width))
+        return (height - side) // 2, (width - side) // 2, side, side
+    if kind == NEGATIVE_BOX:
+        anchor_box = random_crop_box(anchor_key, height, width, scale, log_ratio)
+        return negative_patch_box(key, anchor_box, height, width)
+    return random_crop_box(key, height, width, scale, log_ratio)
+
+
 @_njit
 def hflip_(img):
     h, w, c = img.shape
@@ -563,7 +637,7 @@ class _BatchOp(Operation):
             return augment_batch(kind, images, dst, batch_indices, seed, consts)
 
         augment.with_indices = True  # ffcv passes the batch's image indices: our random keys
-        return augment
+        return _cached(augment)
 
 
 class RandomHorizontalFlip(_BatchOp):
@@ -657,12 +731,11 @@ class RandomResizedCrop(RandomResizedCropRGBImageDecoder):
         self.crop_max_area = JPEG_CROP_MAX_AREA if partial_decode else 0.0
         self.scale_margin = JPEG_SCALE_MARGIN if partial_decode else math.inf
 
+    box_kind = RANDOM_BOX
+
     def generate_code(self):
-        jpg = IMAGE_MODES["jpg"]
-        mem_read = self.memory_read
         loop = Compiler.get_iterator()
-        imdecode_c = Compiler.compile(imdecode)
-        box_c = self.box_function()
+        box_kind = self.box_kind
         scales, log_ratios = self.box_parameters()
         seeds, anchor_seed = self.view_seeds(), np.uint64(self.anchor_seed)
         n_views = len(seeds)
@@ -679,33 +752,34 @@ class RandomResizedCrop(RandomResizedCropRGBImageDecoder):
             anchor_key = batch_key(batch_indices, anchor_seed)
             for k in loop(len(batch_indices)):
                 field = metadata[batch_indices[k]]
-                image_data = mem_read(field["data_ptr"], storage_state)
+                image_data = read_sample(field["data_ptr"], storage_state)
                 height, width = np.uint32(field["height"]), np.uint32(field["width"])
                 boxes = np.empty((n_views, 4), np.int64)
                 for v in range(n_views):
-                    i, j, h, w = box_c(sample_key(keys[v], k), sample_key(anchor_key, k),
-                                       int(height), int(width), scales[v], log_ratios[v])
+                    i, j, h, w = crop_box(box_kind, sample_key(keys[v], k),
+                                          sample_key(anchor_key, k), int(height), int(width),
+                                          scales[v], log_ratios[v])
                     boxes[v, 0], boxes[v, 1], boxes[v, 2], boxes[v, 3] = i, j, h, w
-                if field["mode"] != jpg:
+                if field["mode"] != JPG:
                     crop_boxes(image_data.reshape(height, width, 3), boxes, 0, 0, 1, views[k])
                     continue
                 # Decode once for all the boxes, only what they need (jpeg_decode_plan).
                 y0, x0, rh, rw, d, cut = jpeg_decode_plan(boxes, int(height), int(width), out_h,
                                                           out_w, crop_max_area, scale_margin)
                 buffer = temp_storage[k]
-                if cut and imdecode_c(image_data, buffer, height, width, rh, rw, x0, y0, 1, d,
-                                      True, False) != 0:
+                if cut and imdecode(image_data.ctypes, image_data.size, height, width,
+                                    buffer.ctypes, rh, rw, x0, y0, 1, d, 1, 0) != 0:
                     cut = False  # e.g. a JPEG whose MCU is not on our grid: decode all of it
                 if not cut:
                     y0, x0, rh, rw = 0, 0, int(height), int(width)
-                    imdecode_c(image_data, buffer, height, width, height, width, 0, 0, 1, d,
-                               False, False)
+                    imdecode(image_data.ctypes, image_data.size, height, width, buffer.ctypes,
+                             height, width, 0, 0, 1, d, 0, 0)
                 sh, sw = (rh + d - 1) // d, (rw + d - 1) // d  # libjpeg rounds scaled sizes up
                 crop_boxes(buffer[:3 * sh * sw].reshape(sh, sw, 3), boxes, y0, x0, d, views[k])
             return destination[:len(batch_indices)]
 
         decode.is_parallel = True
-        return decode
+        return _cached(decode)
 
     def view_seeds(self) -> np.ndarray:
         return np.array([self.seed], np.uint64)
@@ -715,36 +789,21 @@ class RandomResizedCrop(RandomResizedCropRGBImageDecoder):
         return (np.array([self.scale], np.float64),
                 np.log(np.array([self.ratio], np.float64)))
 
-    @staticmethod
-    def box_function():
-        @_njit
-        def box(key, anchor_key, height, width, scale, log_ratio):
-            return random_crop_box(key, height, width, scale, log_ratio)
-
-        return box
-
 
 class CenterCrop(RandomResizedCrop):
     """The evaluation crop: the centred square of side int(crop_ratio x the short side), as
     ffcv's CenterCropRGBImageDecoder, resampled as torchvision's Resize (antialiased)."""
+
+    box_kind = CENTRE_BOX
 
     def __init__(self, output_size, crop_ratio: float = 1.0, partial_decode=True):
         super().__init__(output_size, partial_decode=partial_decode)
         self.crop_ratio = crop_ratio
 
     def box_parameters(self) -> tuple[np.ndarray, np.ndarray]:
-        # The decoder passes box_function two arrays; here the first carries crop_ratio.
+        # crop_box's `scale` carries crop_ratio here.
         return (np.array([[self.crop_ratio, self.crop_ratio]], np.float64),
                 np.zeros((1, 2), np.float64))
-
-    @staticmethod
-    def box_function():
-        @_njit
-        def box(key, anchor_key, height, width, scale, log_ratio):
-            side = int(scale[0] * min(height, width))
-            return (height - side) // 2, (width - side) // 2, side, side
-
-        return box
 
 
 class NegativePatchCrop(RandomResizedCrop):
@@ -752,19 +811,12 @@ class NegativePatchCrop(RandomResizedCrop):
     crop (which it recomputes from the anchor's seed: nothing passes between pipelines), placed
     where it does not overlap that crop when the image allows (negative_patch_box)."""
 
+    box_kind = NEGATIVE_BOX
+
     def __init__(self, anchor: RandomResizedCrop, seed: int):
         super().__init__(anchor.output_size, anchor.scale, anchor.ratio, seed)
         self.crop_max_area, self.scale_margin = anchor.crop_max_area, anchor.scale_margin
         self.anchor_seed = anchor.seed
-
-    @staticmethod
-    def box_function():
-        @_njit
-        def box(key, anchor_key, height, width, scale, log_ratio):
-            anchor_box = random_crop_box(anchor_key, height, width, scale, log_ratio)
-            return negative_patch_box(key, anchor_box, height, width)
-
-        return box
 
 
 
@@ -800,6 +852,31 @@ def take_view(images, dst, index):
     return dst[:n]
 
 
+@numba.njit(parallel=True, **_NUMBA_FLAGS)
+def normalize_batch(images, dst, table):
+    """dst[..., c] = table[images[..., c], c]: uint8 to float through a lookup table."""
+    n = images.shape[0]
+    for i in numba.prange(n):
+        src, out = images[i].reshape(-1, 3), dst[i].reshape(-1, 3)
+        for p in range(src.shape[0]):
+            for c in range(3):
+                out[p, c] = table[src[p, c], c]
+    return dst[:n]
+
+
+class Normalize(NormalizeImage):
+    """ffcv's NormalizeImage ((x - mean) / std through its 256-entry table, the same numbers),
+    whose CPU code is cached (ffcv's is compiled in every process)."""
+
+    def generate_code_cpu(self):
+        table = self.lookup_table
+
+        def normalize(images, dst):
+            return normalize_batch(images, dst, table)
+
+        return _cached(normalize)
+
+
 class TakeView(Operation):
     """View `index` of MultiViewCrop's (B, V, H, W, 3) output, copied into its own buffer."""
 
@@ -817,7 +894,7 @@ class TakeView(Operation):
         def take(images, dst):
             return take_view(images, dst, index)
 
-        return take
+        return _cached(take)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1018,7 +1095,11 @@ _ffcv_compile = Compiler.compile
 
 
 def _compile_and_keep(code, signature=None):
-    compiled = _ffcv_compile(code, signature)
+    if getattr(code, "cacheable", False):  # ours (see _cached): as ffcv would, plus cache=True
+        parallel = getattr(code, "is_parallel", False) and Compiler.num_threads > 1
+        compiled = numba.njit(signature, parallel=parallel, **_NUMBA_FLAGS)(code)
+    else:
+        compiled = _ffcv_compile(code, signature)
     _COMPILED_BY_FFCV.append(compiled)
     return compiled
 
@@ -1072,14 +1153,14 @@ class _NormalizeOnDevice(torch.nn.Module):
 def _to_output(device: torch.device, normalize: bool, on_gpu: bool,
                mean=IMAGENET_MEAN, std=IMAGENET_STD) -> list[Operation]:
     """The end of an image pipeline. On the GPU: copy uint8 (4x fewer bytes) without blocking,
-    then channels_last and normalisation there. On the CPU: normalise with ffcv's numba op, which
+    then channels_last and normalisation there. On the CPU: normalise with a numba op, which
     must come before ToTensor (a numba op after it makes ffcv's Loader() loop forever)."""
     if on_gpu:
         ops = [ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(channels_last=True)]
         if normalize:
             ops.append(_NormalizeOnDevice(mean, std, device))
         return ops
-    ops = [NormalizeImage(mean, std, np.float32)] if normalize else []
+    ops = [Normalize(mean, std, np.float32)] if normalize else []
     return ops + [ToTensor(), ToTorchImage(channels_last=True)]
 
 

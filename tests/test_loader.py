@@ -475,3 +475,70 @@ def test_partial_jpeg_decoding_stays_within_a_grey_level(jpeg_photos, monkeypatc
             assert not torch.equal(a, b)  # the reduced decode did run
     # A wrong region (the cut's offset ignored) would be far off: the check can fail.
     assert (exact[0].float() - exact[0].roll(3, dims=3).float()).abs().mean() > 3
+
+
+def test_samples_read_from_every_page_with_and_without_the_os_cache(tmp_path):
+    """read_sample (our decoders' reader, standing in for ffcv's compiled one) on a file of
+    several 2 MiB pages: the written pixels back, in order, through the OS page cache and
+    through ffcv's own page cache (os_cache=False: pages at slots, samples at page offsets)."""
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+
+    from conftest import photos
+
+    images = [(np.ascontiguousarray(photos()[k % 4][k:k + 200, 2 * k:2 * k + 200]), k % 10)
+              for k in range(40)]  # 40 x 120 KB stored raw: 3 pages
+    path = str(tmp_path / "pages.beton")
+    DatasetWriter(path, {"image": RGBImageField(write_mode="raw"), "label": IntField()},
+                  page_size=1 << 21, num_workers=1).from_indexed_dataset(images)
+    expected = torch.from_numpy(np.stack([img for img, _ in images])).permute(0, 3, 1, 2)
+    for os_cache in (True, False):
+        x, y = collect(C.make_eval_loader(path, 200, batch_size=16, normalize=False,
+                                          os_cache=os_cache))
+        assert torch.equal(x, expected), os_cache
+        assert torch.equal(y, torch.tensor([label for _, label in images]))
+
+
+FIRST_BATCH = """
+import sys, time
+from numba.core import event
+sys.path.insert(0, sys.argv[1])
+compiled = []
+
+
+class Listener(event.Listener):
+    def on_start(self, e):
+        compiled.append(e.data["dispatcher"].py_func.__module__)
+
+    def on_end(self, e):
+        pass
+
+
+event.register("numba:compile", Listener())
+import ffcv_ssl_common as C
+from ffcv.fields.rgb_image import IMAGE_MODES
+assert IMAGE_MODES["jpg"] == C.JPG
+for loader in (C.make_ssl_loader(sys.argv[2], C.byol_views(24), batch_size=16, num_workers=2),
+               C.make_eval_loader(sys.argv[2], 24, batch_size=16)):
+    next(iter(loader))
+print(sum(m == "ffcv_ssl_common" for m in compiled))
+"""
+
+
+def test_a_new_process_compiles_none_of_our_code(jpeg_photos, tmp_path):
+    """Every function of ours that a loader runs, the operations' code ffcv compiles included,
+    is in numba's on-disk cache: a second process building the same loaders compiles none of it
+    (the first may: a cold cache). ffcv's own compile in every process (its reader, labels)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "first_batch.py"
+    script.write_text(FIRST_BATCH)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    counts = []
+    for _ in range(2):
+        done = subprocess.run([sys.executable, str(script), root, jpeg_photos],
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+        counts.append(int(done.stdout.split()[-1]))
+    assert counts[1] == 0, counts
