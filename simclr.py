@@ -812,6 +812,7 @@ def main(args: Args) -> dict:
                 saved_at = tick = time.time()
             if stop or spent:
                 break
+        train_loader.close()  # an unfinished epoch's loading thread would keep its buffers
         if batch < steps_per_epoch and not spent:
             break  # stopped mid-epoch, checkpoint saved
         means = (global_mean(sums) / batch).tolist()  # loss, then each term

@@ -542,3 +542,31 @@ def test_a_new_process_compiles_none_of_our_code(jpeg_photos, tmp_path):
         assert done.returncode == 0, done.stderr[-3000:]
         counts.append(int(done.stdout.split()[-1]))
     assert counts[1] == 0, counts
+
+
+def test_an_unfinished_epoch_is_stopped_and_its_thread_ends(betons):
+    """ffcv's loading thread keeps an unfinished epoch (and its batch buffers) forever; a new
+    epoch, or close(), stops it, also when the thread is stuck in the epoch's final put, which
+    has no timeout (5 batches, 3 ahead: after 2 batches taken, 3 wait in the queue and the
+    end-of-epoch marker cannot get in)."""
+    import time
+
+    loader = C.make_ssl_loader(betons["train"], C.byol_views(32), batch_size=64,
+                               num_workers=2, seed=0)  # as `train`: its compiled code
+    it = iter(loader)
+    next(it)
+    again = iter(loader)  # a new epoch stops the first one
+    assert not it.is_alive() and again.is_alive()
+    next(again), next(again)
+    deadline = time.time() + 60
+    while not again.output_queue.full() and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.0)  # the thread is now in its final put
+    assert again.is_alive() and again.output_queue.full()
+    closing = threading.Thread(target=loader.close, daemon=True)
+    closing.start()
+    closing.join(timeout=30)
+    assert not closing.is_alive() and not again.is_alive()
+    # The loader still works, from where a resumed run would start.
+    loader.next_epoch, loader.skip_batches = 0, 1
+    assert len(collect(loader)[0]) == 4 * 64
