@@ -1127,6 +1127,8 @@ _ffcv_compile = Compiler.compile
 
 def _compile_and_keep(code, signature=None):
     if getattr(code, "cacheable", False):  # ours (see _cached): as ffcv would, plus cache=True
+        # numba's cache key leaves out parallel=: the decoder's closure holds ffcv's loop
+        # (prange exactly when parallel), so the two versions get different keys.
         parallel = getattr(code, "is_parallel", False) and Compiler.num_threads > 1
         compiled = numba.njit(signature, parallel=parallel, **_NUMBA_FLAGS)(code)
     else:
