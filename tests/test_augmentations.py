@@ -407,3 +407,26 @@ def test_antialias_weights_are_a_normalised_triangle():
     got = np.array([(weights[x, :count[x]] * (first[x] + np.arange(count[x]))).sum()
                     for x in range(8)])
     assert np.allclose(got, np.clip(centre, 0, 3))
+
+
+def test_bench_kernels_prints_a_row_per_kernel(capsys):
+    """benchmarks/bench_kernels.py on a tiny view: one table row per kernel, with times measured
+    for both sides (positive numbers), and a bad setting refused with one line."""
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                    "benchmarks"))
+    import bench_kernels
+
+    threads = torch.get_num_threads()
+    try:
+        bench_kernels.main(bench_kernels.Args(resolutions=(16,), repeats=2))  # one thread
+    finally:
+        torch.set_num_threads(threads)
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 16 px")]
+    assert len(rows) == 8
+    for row in rows:
+        ours, theirs = (float(v) for v in row.split("|")[3:5])
+        assert ours >= 0 and theirs > 0
+    with pytest.raises(SystemExit, match="repeats"):
+        bench_kernels.main(bench_kernels.Args(repeats=0))
