@@ -127,7 +127,9 @@ class Args:
     momentum: float = 0.9
     """Momentum of LARS and SGD."""
     lars_eta: float = 0.001
-    """LARS trust coefficient."""
+    """LARS trust coefficient: a step moves a weight tensor by lr x eta of its norm (before
+    momentum). The ImageNet recipes' 0.001 suits their many thousand steps; short runs need more
+    (solo-learn's CIFAR recipes: 0.02; README, "Does it learn?")."""
     warmup_epochs: float = 10
     """Linear warm-up, then cosine decay to 0 (with --time-budget-min: warm-up over the fraction
     warmup_epochs / epochs of the budget)."""
