@@ -14,8 +14,9 @@ the seeds, the gain as trained minus that mean. The table also goes to <out>/tab
 
 The recipe (CPU_RECIPE below): ResNet-18 with the stride-2 small stem and torchvision's init at
 28 px; SimCLR batch 64 with AdamW, the others LARS with solo-learn's CIFAR settings (VICReg batch
-128, Barlow Twins 64); see the README's "Does it learn?" for what was measured and why. Arguments this script does not know go to the method's script (e.g. `--batch-size 256`) and
-override the recipe; `--precision` goes to the method's script and to the probes.
+128, Barlow Twins 64); see the README's "Does it learn?" for what was measured and why. Arguments
+this script does not know go to the method's script (e.g. `--batch-size 256`) and override the
+recipe; `--precision` goes to the method's script and to the probes.
 """
 
 import json
@@ -46,8 +47,9 @@ CPU_RECIPE = {
     "simclr": ARCH + VIEWS + ["--batch-size", "64", "--optimizer", "adamw", "--base-lr", "8e-3",
                               "--weight-decay", "1e-4", "--temperature", "0.2",
                               *CROP_03, "--projector-dims", "512", "128"],
-    # Barlow Twins: the same LARS settings at batch 64, crops of 30-100%, a 1024-wide projector:
-    # the best of the README's 5-minute trials (81.9% linear), still short of +3 over random init.
+    # Barlow Twins: the same LARS settings (biases and BatchNorm keep the file's base lr 0.0048) at
+    # batch 64, crops of 30-100%, a 1024-wide projector: the best of the README's 5-minute trials
+    # (81.9% linear), still short of +3 over random init.
     "barlowtwins": ARCH + VIEWS + NO_BLUR + LARS_SHORT + CROP_03 + [
         "--batch-size", "64", "--projector-dims", "1024", "1024", "1024"],
     # VICReg: solo-learn's CIFAR LARS settings (lr 0.3, weight decay 1e-4, eta 0.02: the ImageNet
