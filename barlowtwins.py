@@ -19,7 +19,8 @@ LARS at solo-learn's CIFAR settings (lr 0.3, weight decay 1e-4, eta 0.02), batch
 30-100%, projector 1024-1024-1024 (the CPU recipe of benchmarks/bench_fashion_mnist.py), linear
 probe 81.9% top-1 against 80.8% +- 0.7 for the same network with random weights (three seeds),
 k-NN 76.6% against 79.0%; at batch 128 with a 2048-wide projector 77.6%, below random init.
-Barlow Twins learns more slowly than SimCLR and VICReg in a few CPU minutes.
+With that recipe, 10 minutes (806 steps): linear 83.1% (+2.3), MLP 83.4% (+1.0), k-NN 78.2%
+(-0.8). Barlow Twins learns more slowly than VICReg in a few CPU minutes.
 """
 
 import hashlib
