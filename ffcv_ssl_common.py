@@ -55,7 +55,8 @@ try:
     from ffcv.pipeline.operation import Operation
     from ffcv.reader import Reader
     from ffcv.traversal_order import QuasiRandom
-    from ffcv.transforms import NormalizeImage, Squeeze, ToDevice, ToTensor, ToTorchImage
+    from ffcv.transforms import (ModuleWrapper, NormalizeImage, Squeeze, ToDevice, ToTensor,
+                                 ToTorchImage)
 finally:
     numba.typed.Dict = _TypedDict
 
@@ -1196,11 +1197,13 @@ def _to_output(device: torch.device, normalize: bool, on_gpu: bool,
                mean=IMAGENET_MEAN, std=IMAGENET_STD) -> list[Operation]:
     """The end of an image pipeline. On the GPU: copy uint8 (4x fewer bytes) without blocking,
     then channels_last and normalisation there. On the CPU: normalise with a numba op, which
-    must come before ToTensor (a numba op after it makes ffcv's Loader() loop forever)."""
+    must come before ToTensor (a numba op after it makes ffcv's Loader() loop forever).
+    A torch module is wrapped by hand: ffcv wraps bare modules only in pipelines that start from a
+    field, not in ours, which start from a shared decoder (an H200 run found it)."""
     if on_gpu:
         ops = [ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(channels_last=True)]
         if normalize:
-            ops.append(_NormalizeOnDevice(mean, std, device))
+            ops.append(ModuleWrapper(_NormalizeOnDevice(mean, std, device)))
         return ops
     ops = [Normalize(mean, std, np.float32)] if normalize else []
     return ops + [ToTensor(), ToTorchImage(channels_last=True)]

@@ -110,6 +110,34 @@ def test_normalisation_cpu_and_gpu_style_pipelines_agree(betons, eval_raw):
     torch.testing.assert_close(collect(gpu_style)[0], got, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["two views", "instance patches"])
+def test_training_views_through_the_cuda_tail_equal_the_cpu_ones(betons, monkeypatch, kind):
+    """make_ssl_loader with the CUDA tail (run on the CPU here): its pipelines start from a shared
+    decoder, where ffcv does not wrap torch modules itself (the first GPU run of the method files
+    failed there). The views must be the CPU path's, channels_last."""
+    def views():
+        if kind == "two views":
+            return C.make_ssl_loader(betons["train"], C.byol_views(32), batch_size=64,
+                                     num_workers=1, seed=0)
+        patch = C.ViewConfig(resolution=16, crop_scale=(0.05, 0.1))
+        return C.make_ssl_loader(betons["train"], [patch, patch], batch_size=64, num_workers=1,
+                                 seed=0, shared_crop=True, negatives=[patch])
+
+    cpu = collect(views())
+    to_output, label_pipeline = C._to_output, C._label_pipeline
+    monkeypatch.setattr(C, "_to_output", lambda device, normalize, on_gpu, **kw:
+                        to_output(device, normalize, True, **kw))
+    monkeypatch.setattr(C, "_label_pipeline", lambda device, on_gpu: label_pipeline(device, True))
+    gpu_style = collect(views())
+    assert len(gpu_style) == len(cpu) == (3 if kind == "two views" else 4)
+    for got, expected in zip(gpu_style, cpu):
+        assert got.dtype == expected.dtype and got.shape == expected.shape
+        if got.dim() == 4:
+            assert got.is_contiguous(memory_format=torch.channels_last)
+            assert got.std() > 0.1  # real images, not an empty buffer
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
 def test_shared_crop_branches_share_the_crop(betons):
     """Instance SimCLR's positives: one crop, two noise draws. Independent crops differ far more."""
     view = C.ViewConfig(resolution=28, crop_scale=(0.2, 0.5), flip_p=0, jitter_p=0,
