@@ -789,6 +789,7 @@ def main(args: Args) -> dict:
         if scaler.is_enabled() and ckpt["scaler"]:  # empty when saved by a bf16 / fp32 run
             scaler.load_state_dict(ckpt["scaler"])
         epoch, batch, step, sums = ckpt["epoch"], ckpt["batch"], ckpt["step"], ckpt["sums"]
+        sums = None if sums is None else sums.to(device)  # loaded onto the CPU, added to GPU sums
         elapsed = ckpt["elapsed"]
         torch.set_rng_state(ckpt["rng"].cpu())  # a CPU tensor whatever map_location said
         if main_process:
