@@ -20,7 +20,8 @@ LARS at solo-learn's CIFAR settings (lr 0.3, weight decay 1e-4, eta 0.02), batch
 probe 81.9% top-1 against 80.8% +- 0.7 for the same network with random weights (three seeds),
 k-NN 76.6% against 79.0%; at batch 128 with a 2048-wide projector 77.6%, below random init.
 With that recipe, 10 minutes (806 steps): linear 83.1% (+2.3), MLP 83.4% (+1.0), k-NN 78.2%
-(-0.8). Barlow Twins learns more slowly than VICReg in a few CPU minutes.
+(-0.8); 20 minutes (2,230 steps): linear 85.0% (+4.2), MLP 84.7% (+2.4), k-NN 80.2% (+1.2).
+Barlow Twins learns more slowly than VICReg in a few CPU minutes.
 """
 
 import hashlib
