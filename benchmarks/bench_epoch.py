@@ -17,7 +17,6 @@ On a 2-core CPU the step dominates and the two trainings run at about the same s
 loader's share of an epoch is what this measures, so the answer depends on the machine.
 """
 
-import json
 import os
 import sys
 import time
@@ -183,13 +182,7 @@ def main(args: Args) -> dict:
                "rows": rows, "speedup": speedup}
     table = markdown(results)
     print("\n" + table)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    for path, text in ((args.out, json.dumps(results, indent=1)),
-                       (os.path.splitext(args.out)[0] + ".md", table)):
-        with open(path + ".tmp", "w") as f:
-            f.write(text + "\n")
-        os.replace(path + ".tmp", path)
-    print(f"wrote {args.out} and its .md")
+    bench_loader.write_results(args.out, results, table)
     return results
 
 

@@ -248,13 +248,18 @@ def main(args: Args) -> None:
 def finish(results: dict, args: Args) -> None:
     table = markdown(results, args)
     print("\n" + table)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    for path, text in ((args.out, json.dumps(results, indent=1)),
-                       (os.path.splitext(args.out)[0] + ".md", table)):
+    write_results(args.out, results, table)
+
+
+def write_results(out: str, results: dict, table: str) -> None:
+    """The numbers as JSON at `out` and the table beside it as .md, each complete or absent."""
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    for path, text in ((out, json.dumps(results, indent=1)),
+                       (os.path.splitext(out)[0] + ".md", table)):
         with open(path + ".tmp", "w") as f:
             f.write(text + "\n")
         os.replace(path + ".tmp", path)
-    print(f"wrote {args.out} and its .md")
+    print(f"wrote {out} and its .md")
 
 
 def markdown(results: dict, args: Args) -> str:
