@@ -58,17 +58,6 @@ class Args:
     """The numbers as JSON; the table goes beside it as .md."""
 
 
-def torchvision_loader(root: str, views, batch_size: int, workers: int, pin_memory: bool):
-    """bench_loader.py's torchvision side ((x1, x2), y per batch), pinned for the GPU."""
-    from torchvision.datasets import ImageFolder
-
-    transform = bench_loader.TwoViews(*(bench_loader.torchvision_view(v) for v in views))
-    dataset = ImageFolder(os.path.join(root, "train"), transform=transform)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True,
-                                       num_workers=workers, drop_last=True,
-                                       persistent_workers=True, pin_memory=pin_memory)
-
-
 def training_step(model, optimizer, scaler, amp_dtype):
     """simclr.py's step (without the learning-rate schedule): one function for every row."""
     def step(x1, x2, y):
@@ -163,7 +152,8 @@ def main(args: Args) -> dict:
     step = training_step(model, optimizer, scaler, amp_dtype)
     ours = C.make_ssl_loader(beton, views, batch_size=args.batch_size, num_workers=workers,
                              device=device)
-    tv = torchvision_loader(root, views, args.batch_size, workers, pin_memory=use_cuda)
+    tv = bench_loader.torchvision_loader(root, views, bench_loader.Args(
+        batch_size=args.batch_size, num_workers=workers), pin_memory=use_cuda)  # pinned for the GPU
 
     rows = {"model alone": model_alone(step, ours, device, batches=len(ours))}
     print(f"model alone: {rows['model alone']:.0f} img/s", flush=True)

@@ -139,14 +139,14 @@ class TwoViews:
         return self.first(img), self.second(img)
 
 
-def torchvision_loader(root: str, views, args: Args):
+def torchvision_loader(root: str, views, args: Args, pin_memory: bool = False):
     from torchvision.datasets import ImageFolder
 
     transform = TwoViews(torchvision_view(views[0]), torchvision_view(views[1]))
     dataset = ImageFolder(os.path.join(root, "train"), transform=transform)
     return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True,
                                        num_workers=args.num_workers, drop_last=True,
-                                       persistent_workers=True)
+                                       persistent_workers=True, pin_memory=pin_memory)
 
 
 def epoch_rate(loader, warmup_batches: int) -> float:
