@@ -132,7 +132,8 @@ def main(args: Args) -> dict:
         torch.backends.cudnn.benchmark = True
     torch.set_num_threads(workers)
     name = f"photos_{args.num_images}"
-    root, beton = os.path.join(args.work_dir, name), os.path.join(args.work_dir, f"{name}_train.beton")
+    root = os.path.join(args.work_dir, name)
+    beton = os.path.join(args.work_dir, f"{name}_train.beton")
     t = time.perf_counter()
     bench_loader.make_jpegs(root, args.num_images)
     if not os.path.exists(beton):
