@@ -24,10 +24,15 @@ batches whatever the number of worker threads, and a shuffled loader gives new v
 Preview what a recipe does:  python ffcv_ssl_common.py --beton data/fashion-mnist_train.beton
 """
 
+import atexit
 import contextlib
+import fcntl
+import hashlib
 import math
 import os
+import pickle
 import queue
+import weakref
 from dataclasses import dataclass, replace
 from typing import Literal, Sequence
 
@@ -36,7 +41,9 @@ import numba
 import numba.typed
 import numpy as np
 import torch
+from numba.core.caching import FunctionCache, IndexDataCacheFile
 from numba.core.dispatcher import Dispatcher
+from numba.core.serialize import dumps as numba_dumps
 
 # ffcv's rgb_image module builds a numba typed Dict when imported (IMAGE_MODES, which ffcv only
 # reads from Python), and the first typed Dict of a process compiles numba's dictionary code: 3 s
@@ -64,8 +71,8 @@ finally:
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406]) * 255
 IMAGENET_STD = np.array([0.229, 0.224, 0.225]) * 255
 
-# cache=True keeps the machine code on disk (__pycache__): a new process loads it instead of
-# compiling again, which is most of what makes a loader's first batch slow.
+# Our compiled code is kept on disk (__pycache__, or $NUMBA_CACHE_DIR): a new process loads it
+# instead of compiling again, which is most of what makes a loader's first batch slow.
 # fastmath=False and error_model, set explicitly: ffcv compiles its pipelines with fastmath=True,
 # numba passes an unset flag on to every function called from there, and its on-disk cache does
 # not key on flags. Left unset, whichever program compiled a kernel first decided whether it had
@@ -73,14 +80,69 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225]) * 255
 # other pixels in a later process: 3.8% of the values of saturation 1.4 moved by one grey level
 # on a Xeon (AVX-512) after a training run had compiled the kernels. Set, the code is the same
 # whatever compiled it first (tests/test_augmentations.py checks both orders).
-_NUMBA_FLAGS = dict(cache=True, nogil=True, fastmath=False, error_model="numpy")
-_njit = numba.njit(**_NUMBA_FLAGS)
+_NUMBA_FLAGS = dict(nogil=True, fastmath=False, error_model="numpy")
+
+
+class _SharedCacheFile(IndexDataCacheFile):
+    """numba's cache file (one index per function, one data file per compiled version), made safe
+    for processes that compile at the same time: several trainings started together, DDP ranks.
+
+    numba's own `save` reads the index, takes the first free data file number, writes the index,
+    then the data: two processes adding different versions at once take the same number, and the
+    index can end up pointing at the other version's machine code: a crash ("'descr' is NULL") or,
+    silently, another setting's augmentation (tests/test_numba_cache.py: 20-30% of the entries
+    wrong with four processes). Here a data file's name is a hash of its key and of the source
+    file's stamp, so it only ever holds that version, and it is complete (written under a temporary
+    name, then renamed) before the index names it. The index is updated under a file lock, so no
+    process drops another's entry; without working locks (some network file systems) an entry can
+    be lost, never mixed up, and that version is compiled again."""
+
+    def save(self, key, data):
+        digest = hashlib.sha256(numba_dumps((self._source_stamp, key))).hexdigest()[:24]
+        name = self._data_name_pattern.replace("{number:d}", digest)
+        self._save_data(name, data)
+        with open(self._index_path + ".lock", "ab") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            overloads = self._load_index()
+            if not overloads:  # a new index: the files of an older source stamp are dead
+                for stale in self._stale_data_names():
+                    with contextlib.suppress(OSError):
+                        os.remove(self._data_path(stale))
+            overloads[key] = name
+            self._save_index(overloads)
+
+    def _stale_data_names(self):
+        try:
+            with open(self._index_path, "rb") as f:  # as numba writes it: version, (stamp, index)
+                version = pickle.load(f)
+                stamp, overloads = pickle.loads(f.read())
+        except Exception:  # no index, or one numba cannot read: nothing known to remove
+            return []
+        return list(overloads.values()) if (version, stamp) != (self._version,
+                                                                  self._source_stamp) else []
+
+
+class _SharedCache(FunctionCache):
+    def __init__(self, py_func):
+        super().__init__(py_func)
+        self._cache_file = _SharedCacheFile(self._cache_path, self._impl.filename_base,
+                                            self._impl.locator.get_source_stamp())
+
+
+def _njit(py_func=None, signature=None, parallel=False):
+    """numba.njit with our flags and the on-disk cache above (what cache=True does, with
+    _SharedCacheFile instead of numba's file). Use as @_njit, or _njit(f, signature, parallel)."""
+    if py_func is None:
+        return lambda f: _njit(f, signature, parallel)
+    compiled = numba.njit(signature, parallel=parallel, **_NUMBA_FLAGS)(py_func)
+    compiled._cache = _SharedCache(py_func)  # numba's Dispatcher.enable_caching, our cache class
+    return compiled
 
 
 def _cached(code):
     """Marks the function an Operation hands to ffcv: ffcv compiles it anew in every process
     (0.5-3 s per operation, most of a loader's first batch), our Compiler.compile (below, with
-    the loaders) compiles it with cache=True. numba keys the cache on the closure's values, so
+    the loaders) compiles it with our disk cache (_njit). numba keys the cache on the closure's values, so
     they must be plain numbers and arrays; functions it calls must be module-level: a compiled
     function in a closure is a new object in every process, and would miss the cache."""
     for cell in code.__closure__ or ():
@@ -606,7 +668,7 @@ def _apply(kind, img, key, consts):
         add_gaussian_noise_(img, consts[1], key)
 
 
-@numba.njit(parallel=True, **_NUMBA_FLAGS)
+@_njit(parallel=True)
 def augment_batch(kind, images, dst, batch_indices, seed, consts):
     """The parallel loop shared by every augmentation: copy, then transform with probability p.
     One cached, compiled function serves all of them: compiling a parallel loop takes seconds,
@@ -858,7 +920,7 @@ class MultiViewCrop(RandomResizedCrop):
         return np.array(self.scales, np.float64), np.log(np.array(self.ratios, np.float64))
 
 
-@numba.njit(parallel=True, **_NUMBA_FLAGS)
+@_njit(parallel=True)
 def take_view(images, dst, index):
     n = images.shape[0]
     for i in numba.prange(n):
@@ -866,7 +928,7 @@ def take_view(images, dst, index):
     return dst[:n]
 
 
-@numba.njit(parallel=True, **_NUMBA_FLAGS)
+@_njit(parallel=True)
 def normalize_batch(images, dst, table):
     """dst[..., c] = table[images[..., c], c]: uint8 to float through a lookup table."""
     n = images.shape[0]
@@ -1061,12 +1123,22 @@ class _EpochIterator(EpochIterator):
         return tuple(batch[i] for i in self.loader.output_positions)
 
 
+# A program that ends with a loader mid-epoch (`next(iter(loader))`, an exception in the training
+# loop) leaves ffcv's loading thread working on the next batches in numba's thread pool (TBB), and
+# Python's exit then stops it abruptly: 3 of 18 processes whose first batch had compiled on an
+# empty cache aborted at exit on the Xeon ("terminate called without an active exception", exit
+# status 134 instead of the program's; tests/test_numba_cache.py). Every loader is closed first.
+_LOADERS = weakref.WeakSet()
+atexit.register(lambda: [loader.close() for loader in list(_LOADERS)])
+
+
 class SSLLoader(Loader):
     """An ffcv Loader whose batches are the named outputs, in the order given. ffcv orders them
     as the file's fields then the new names. Set `next_epoch` before iterating to resume."""
 
     def __init__(self, fname, outputs: Sequence[str], **kwargs):
         super().__init__(fname, **kwargs)
+        _LOADERS.add(self)
         names = list(self.pipeline_specs)
         self.output_positions = [names.index(name) for name in outputs]
         if isinstance(self.traversal_order, QuasiRandom):  # its page table before any shuffle
@@ -1131,11 +1203,11 @@ _ffcv_compile = Compiler.compile
 
 
 def _compile_and_keep(code, signature=None):
-    if getattr(code, "cacheable", False):  # ours (see _cached): as ffcv would, plus cache=True
+    if getattr(code, "cacheable", False):  # ours (see _cached): as ffcv would, plus the disk cache
         # numba's cache key leaves out parallel=: the decoder's closure holds ffcv's loop
         # (prange exactly when parallel), so the two versions get different keys.
         parallel = getattr(code, "is_parallel", False) and Compiler.num_threads > 1
-        compiled = numba.njit(signature, parallel=parallel, **_NUMBA_FLAGS)(code)
+        compiled = _njit(code, signature, parallel)
     else:
         compiled = _ffcv_compile(code, signature)
     _COMPILED_BY_FFCV.append(compiled)

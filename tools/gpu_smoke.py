@@ -74,10 +74,10 @@ def main():
         "instance_simclr": method("instance_simclr.py", "inst", "--epochs", "1"),
     }
     env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
-    # A numba cache of its own for each run: processes compiling different loaders at the same
-    # time into one cache can mix up its entries (README, "Several runs at once").
-    procs = {name: subprocess.Popen(cmd, cwd=ROOT, env={
-        **env, "NUMBA_CACHE_DIR": os.path.join(work, f"numba_cache_{k}")}, stdout=open(
+    # One empty numba cache that the five runs fill at the same time, as trainings started
+    # together in one checkout do (README, "Several runs at once").
+    env["NUMBA_CACHE_DIR"] = os.path.join(work, "numba_cache")
+    procs = {name: subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(
         os.path.join(work, f"{k}.log"), "w"), stderr=subprocess.STDOUT)
         for k, (name, cmd) in enumerate(runs.items())}
     for k, (name, proc) in enumerate(procs.items()):
