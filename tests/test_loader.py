@@ -598,3 +598,33 @@ def test_an_unfinished_epoch_is_stopped_and_its_thread_ends(betons):
     # The loader still works, from where a resumed run would start.
     loader.next_epoch, loader.skip_batches = 0, 1
     assert len(collect(loader)[0]) == 4 * 64
+
+
+LEFT_MID_EPOCH = """
+import atexit, sys
+checks = []
+# Registered before ffcv_ssl_common's own handler, so it runs after it (atexit is last in, first out).
+atexit.register(lambda: print("closed at exit:", checks[0]._epoch is None and not checks[1].is_alive()))
+sys.path.insert(0, sys.argv[1])
+import ffcv_ssl_common as C
+loader = C.make_ssl_loader(sys.argv[2], C.simclr_views(16), batch_size=16, num_workers=2)
+next(iter(loader))
+checks += [loader, loader._epoch]
+"""
+
+
+def test_a_loader_left_mid_epoch_is_closed_at_exit(betons, tmp_path):
+    """A program that ends with a loader mid-epoch: its loading thread, still computing batches
+    in numba's thread pool when Python ended it, aborted 3 of 18 such processes at exit
+    ("terminate called without an active exception"). ffcv_ssl_common closes every loader at exit,
+    before the interpreter stops the thread."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "left.py"
+    script.write_text(LEFT_MID_EPOCH)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, str(script), root, betons["train"]],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "closed at exit: True" in done.stdout, done.stdout
