@@ -678,17 +678,23 @@ def _apply(kind, img, key, consts):
 
 
 @_njit(parallel=True)
-def augment_batch(kind, images, dst, batch_indices, seed, consts):
-    """The parallel loop shared by every augmentation: copy, then transform with probability p.
-    One cached, compiled function serves all of them: compiling a parallel loop takes seconds,
-    and ffcv would otherwise compile one per operation and per view, in every process."""
+def augment_batch(kinds, images, dst, batch_indices, seeds, consts):
+    """The parallel loop shared by every augmentation: copy each image, then apply operation j
+    (kinds[j], settings consts[j], consts[j, 0] its probability), j in order, each with its own
+    random stream (seeds[j]). One cached, compiled function serves all of them: compiling a
+    parallel loop takes seconds, and ffcv would otherwise compile one per operation and per view,
+    in every process. A view's operations in one call (AugmentChain) transform each image while it
+    is in the core's cache, instead of passing over the whole batch once per operation."""
     n = images.shape[0]
-    key = batch_key(batch_indices, seed)
+    keys = np.empty(len(kinds), np.uint64)
+    for j in range(len(kinds)):
+        keys[j] = batch_key(batch_indices, seeds[j])
     for i in numba.prange(n):
-        image_key = sample_key(key, i)
         dst[i] = images[i]
-        if uniform(image_key, 0) < consts[0]:
-            _apply(kind, dst[i], image_key, consts)
+        for j in range(len(kinds)):
+            image_key = sample_key(keys[j], i)
+            if uniform(image_key, 0) < consts[j, 0]:
+                _apply(kinds[j], dst[i], image_key, consts[j])
     return dst[:n]
 
 
@@ -716,13 +722,7 @@ class _BatchOp(Operation):
         return replace(previous_state, jit_mode=True), AllocationQuery(previous_state.shape, np.uint8)
 
     def generate_code(self):
-        kind, seed, consts = self.kind, np.uint64(self.seed), self.consts
-
-        def augment(images, dst, batch_indices):
-            return augment_batch(kind, images, dst, batch_indices, seed, consts)
-
-        augment.with_indices = True  # ffcv passes the batch's image indices: our random keys
-        return _cached(augment)
+        return AugmentChain([self]).generate_code()
 
 
 class RandomHorizontalFlip(_BatchOp):
@@ -792,6 +792,32 @@ class GaussianNoise(_BatchOp):
         if std < 0:
             raise ValueError(f"noise std must be >= 0, got {std}")
         super().__init__(p, std, seed=seed)
+
+
+class AugmentChain(_BatchOp):
+    """Several of the operations above as one: each image goes through all of them in turn, with
+    the same random draws and pixels as the operations one after the other (each keeps its seed),
+    read and written once instead of once per operation. The loaders run each view's operations
+    (ViewConfig.augmentations) this way."""
+
+    def __init__(self, ops: Sequence[_BatchOp]):
+        Operation.__init__(self)
+        if not ops or not all(isinstance(op, _BatchOp) for op in ops):
+            raise TypeError(f"AugmentChain needs one or more of our augmentations, got {ops}")
+        self.ops = [o for op in ops for o in (op.ops if isinstance(op, AugmentChain) else [op])]
+
+    def generate_code(self):
+        kinds = np.array([op.kind for op in self.ops], np.int64)
+        seeds = np.array([op.seed for op in self.ops], np.uint64)
+        consts = np.zeros((len(self.ops), max(len(op.consts) for op in self.ops)), np.float64)
+        for j, op in enumerate(self.ops):
+            consts[j, :len(op.consts)] = op.consts
+
+        def augment(images, dst, batch_indices):
+            return augment_batch(kinds, images, dst, batch_indices, seeds, consts)
+
+        augment.with_indices = True  # ffcv passes the batch's image indices: our random keys
+        return _cached(augment)
 
 
 def check_crop(scale, ratio) -> None:
@@ -1353,6 +1379,10 @@ def _check_batches(path, reader, batch_size, drop_last, distributed, indices):
                          f"{batch_size} per process; lower --batch-size")
 
 
+def _chain(ops: list[Operation]) -> list[Operation]:
+    return [AugmentChain(ops)] if ops else []
+
+
 def make_ssl_loader(beton: str | Sequence[str], views: Sequence[ViewConfig], batch_size: int,
                     num_workers: int = 2, seed: int = 0, distributed: bool = False,
                     device: str | torch.device = "cpu", shared_crop: bool = False,
@@ -1427,7 +1457,7 @@ def make_ssl_loader(beton: str | Sequence[str], views: Sequence[ViewConfig], bat
         pipelines["views"] = PipelineSpec("image", decoder=together, transforms=[])
     for k, (name, view) in enumerate(zip(names, views)):
         view_seed = view_seeds[k]
-        tail = view.augmentations(view_seed) + _to_output(device, normalize, on_gpu)
+        tail = _chain(view.augmentations(view_seed)) + _to_output(device, normalize, on_gpu)
         if shared is not None:
             # Branch after the shared crop (ffcv: a spec whose source is an operation).
             pipelines[name] = PipelineSpec(shared, transforms=tail)
@@ -1441,7 +1471,7 @@ def make_ssl_loader(beton: str | Sequence[str], views: Sequence[ViewConfig], bat
     negative_names = [f"negative_{m + 1}" for m in range(len(negatives))]
     for m, (name, view) in enumerate(zip(negative_names, negatives)):
         view_seed = seed * 1000 + 10 * (len(views) + m + 1)
-        tail = view.augmentations(view_seed) + _to_output(device, normalize, on_gpu)
+        tail = _chain(view.augmentations(view_seed)) + _to_output(device, normalize, on_gpu)
         pipelines[name] = PipelineSpec("image", decoder=NegativePatchCrop(shared, view_seed),
                                        transforms=tail)
     if shared is not None:

@@ -92,7 +92,8 @@ def through_ffcv():  # as an ffcv pipeline compiles us: fastmath=True, error_mod
         consts = np.array(consts, np.float64)
         @numba.njit(fastmath=True, error_model="numpy")
         def wrapper(images, dst, idx):
-            return C.augment_batch(kind, images, dst, idx, seed, consts)
+            return C.augment_batch(np.array([kind]), images, dst, idx, np.array([seed]),
+                                   consts[None])
         out["kernel_" + name] = wrapper(images, np.empty_like(images), idx).copy()
     return out
 
@@ -199,12 +200,30 @@ def test_flip_matches_numpy(images):
 def run(kind, images, consts, seed=0, indices=None):
     indices = np.arange(len(images), dtype=np.uint64) if indices is None else indices
     dst = np.empty_like(images)
-    return C.augment_batch(kind, images, dst, indices, np.uint64(seed),
-                           np.array(consts, np.float64))
+    return C.augment_batch(np.array([kind]), images, dst, indices, np.array([seed], np.uint64),
+                           np.array([consts], np.float64))
 
 
 def constant_batch(n, value=(100, 150, 200), side=8):
     return np.broadcast_to(np.array(value, np.uint8), (n, side, side, 3)).copy()
+
+
+def test_a_chain_equals_its_operations_one_after_the_other(images):
+    """AugmentChain (one pass per image, as the loaders run a view's operations) gives the pixels
+    of the same operations applied one at a time over the batch, each with its own stream."""
+    batch = np.concatenate([images] * 8)  # 32 photos: every operation fires on some, not others
+    indices = np.arange(100, 100 + len(batch), dtype=np.uint64)
+    ops = [C.RandomHorizontalFlip(0.5, seed=1), C.RandomColorJitter(0.4, 0.4, 0.4, 0.1, 0.8, seed=2),
+           C.RandomGrayscale(0.2, seed=3), C.RandomGaussianBlur(7, (0.1, 2.0), 0.5, seed=4),
+           C.RandomSolarization(128, 0.2, seed=5), C.GaussianNoise(0.1, 0.5, seed=6)]
+    one_by_one = batch
+    for op in ops:
+        one_by_one = run(op.kind, one_by_one, op.consts, seed=op.seed, indices=indices).copy()
+    chain = C.AugmentChain(ops[:3] + [C.AugmentChain(ops[3:])])  # nested chains flatten
+    augment = chain.generate_code()  # the function ffcv compiles into the pipeline
+    together = augment(batch, np.empty_like(batch), indices)
+    assert np.array_equal(together, one_by_one)
+    assert (together != batch).any(axis=(1, 2, 3)).mean() > 0.5  # not a no-op
 
 
 @pytest.mark.parametrize("p", [0.0, 0.2, 0.5, 1.0])
