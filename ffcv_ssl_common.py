@@ -11,6 +11,7 @@ random operations are not reproducible. This module adds, as numba-compiled ffcv
     RandomResizedCrop   ffcv's crop decoder with its boxes drawn reproducibly, resampled as
                         torchvision does (bilinear with antialiasing), not with OpenCV's INTER_AREA
     CenterCrop          the evaluation crop, resampled the same way
+    AugmentChain        several of the above in one pass per image (how the loaders run a view's)
 
 and loaders that yield `(view_1, ..., view_k, label)` or `(image, label)`:
 
