@@ -16,8 +16,8 @@ Measured (README, Quick start; 2026-11-26, 2-core Xeon with AMX, bf16): the main
 this file with the CPU recipe of benchmarks/bench_fashion_mnist.py, 28 px, ResNet-18 with the
 stride-2 small stem, torchvision init, batch 64, AdamW, 6 minutes = 585 steps) gives a linear
 probe of 83.4% top-1 against 80.8% +- 0.7 for three random inits (+2.6), MLP 84.3% against 82.3%
-(+1.9), k-NN 78.4% against 79.0% (-0.6); the previous recipe (batch 128) +2.4 / +2.5 linear in
-two runs. With 10 minutes (2026-11-27, 770 steps): +2.9 linear, +1.9 MLP, -0.6 k-NN; with 20
+(+1.9), k-NN 78.4% against 79.0% (-0.6); over fresh-clone runs since, +2.2 to +3.3 linear
+(506-708 steps, as fast as the machine ran: 84.1%, +3.3, at 708 steps on 2026-11-27). With 10 minutes (2026-11-27, 770 steps): +2.9 linear, +1.9 MLP, -0.6 k-NN; with 20
 (1,743 steps): linear 85.4% (+4.6), MLP 85.7% (+3.3), k-NN 80.8% (+1.8). On an H200 the four
 method files ran end to end (tools/gpu_smoke.py; README, Tests). Earlier
 (2026-11-25, older code), 2 epochs with the stride-1 small stem on another CPU: linear 86.0%
