@@ -13,6 +13,30 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
+# The start of a test script run in a new process (argv[1]: the project root): it records which
+# functions numba compiles; the script ends with print(ours_compiled()).
+COUNT_COMPILES = """
+import sys
+from numba.core import event
+sys.path.insert(0, sys.argv[1])
+compiled = []
+
+
+class Listener(event.Listener):
+    def on_start(self, e):
+        compiled.append(e.data["dispatcher"].py_func.__module__)
+
+    def on_end(self, e):
+        pass
+
+
+def ours_compiled():
+    return sum(m == "ffcv_ssl_common" for m in compiled)
+
+
+event.register("numba:compile", Listener())
+"""
+
 def write_idx(path, array):
     with gzip.open(path, "wb") as f:
         f.write(struct.pack(">HBB", 0, 0x08, array.ndim))

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import ffcv_ssl_common as C
-from conftest import label_images
+from conftest import COUNT_COMPILES, label_images
 
 MEAN = torch.tensor(C.IMAGENET_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
 STD = torch.tensor(C.IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1)
@@ -527,29 +527,14 @@ def test_samples_read_from_every_page_with_and_without_the_os_cache(tmp_path):
         assert torch.equal(y, torch.tensor([label for _, label in images]))
 
 
-FIRST_BATCH = """
-import sys, time
-from numba.core import event
-sys.path.insert(0, sys.argv[1])
-compiled = []
-
-
-class Listener(event.Listener):
-    def on_start(self, e):
-        compiled.append(e.data["dispatcher"].py_func.__module__)
-
-    def on_end(self, e):
-        pass
-
-
-event.register("numba:compile", Listener())
+FIRST_BATCH = COUNT_COMPILES + """
 import ffcv_ssl_common as C
 from ffcv.fields.rgb_image import IMAGE_MODES
 assert IMAGE_MODES["jpg"] == C.JPG
 for loader in (C.make_ssl_loader(sys.argv[2], C.byol_views(24), batch_size=16, num_workers=2),
                C.make_eval_loader(sys.argv[2], 24, batch_size=16)):
     next(iter(loader))
-print(sum(m == "ffcv_ssl_common" for m in compiled))
+print(ours_compiled())
 """
 
 

@@ -11,6 +11,7 @@ import numpy as np
 from numba.core.caching import IndexDataCacheFile
 
 import ffcv_ssl_common as C
+from conftest import COUNT_COMPILES
 
 WRITERS, VERSIONS = 4, 30
 
@@ -69,28 +70,13 @@ def test_an_edited_source_file_drops_and_removes_the_old_versions(tmp_path):
     assert len([f for f in os.listdir(tmp_path) if f.endswith(".nbc")]) == 1
 
 
-FIRST_BATCH = """
-import sys
+FIRST_BATCH = COUNT_COMPILES + """
 import numpy as np
-from numba.core import event
-sys.path.insert(0, sys.argv[1])
-compiled = []
-
-
-class Listener(event.Listener):
-    def on_start(self, e):
-        compiled.append(e.data["dispatcher"].py_func.__module__)
-
-    def on_end(self, e):
-        pass
-
-
-event.register("numba:compile", Listener())
 import ffcv_ssl_common as C
 views = C.byol_views(24) if sys.argv[3] == "byol" else C.simclr_views(16)
 x1, x2, y = next(iter(C.make_ssl_loader(sys.argv[2], views, batch_size=16, num_workers=2)))
 np.save(sys.argv[4], np.stack([x1.numpy(), x2.numpy()]))
-print(sum(m == "ffcv_ssl_common" for m in compiled))
+print(ours_compiled())
 """
 
 
