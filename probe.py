@@ -47,6 +47,9 @@ class Args:
     """Classes of the heads (labels 0 .. num_classes - 1)."""
     arch: str | None = None
     """Architecture; default: from backbone.json."""
+    width: int = 0
+    """Channels of the first stage (the method files' --width); 0: from backbone.json, else
+    torchvision's 64."""
     stem: Literal["from-json", "small", "imagenet"] = "from-json"
     """small: 3x3 stride-1 conv without max-pool; default: from backbone.json."""
     resolution: int = 0
@@ -95,6 +98,8 @@ def validate(args: Args) -> None:
     """One line naming the flag and what it takes, before anything slow."""
     rules = [
         ("--num-classes", args.num_classes, args.num_classes >= 1, "an integer >= 1"),
+        ("--width", args.width, args.width == 0 or (args.width >= 16 and args.width % 16 == 0),
+         "0 (from backbone.json) or a multiple of 16 (torchvision's ResNets: 64)"),
         ("--resolution", args.resolution, 0 <= args.resolution <= 4096,
          "0 (from backbone.json) or a side in pixels up to 4096"),
         ("--heads", args.heads, len(args.heads) >= 1, "one or more of linear, mlp, knn"),
@@ -127,6 +132,30 @@ def validate(args: Args) -> None:
                          f"value each, or a holdout fraction such as 0.1")
 
 
+class ScaledResNet(torchvision.models.ResNet):
+    """torchvision's ResNet `arch` (its blocks, depths and groups) with `width` channels in its
+    first stage instead of 64, doubled at each stage as there: width 32 has a quarter of the
+    parameters and multiply-adds of torchvision's (the CPU demo's encoder). The method files
+    define the same class."""
+
+    def __init__(self, arch: str, width: int, zero_init_residual: bool):
+        ref = torchvision.models.get_model(arch, weights=None)
+        self.width = width
+        super().__init__(type(ref.layer1[0]), [len(ref.layer1), len(ref.layer2),
+                                               len(ref.layer3), len(ref.layer4)],
+                         zero_init_residual=zero_init_residual, groups=ref.groups,
+                         width_per_group=ref.base_width)
+        self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)  # torchvision's, `width` wide
+        nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
+        self.bn1 = nn.BatchNorm2d(width)
+        self.fc = nn.Linear(self.inplanes, 1000)
+
+    def _make_layer(self, block, planes, blocks, stride=1, dilate=False):
+        if planes == 64:  # the first stage takes the stem's `width` channels
+            self.inplanes = self.width
+        return super()._make_layer(block, planes * self.width // 64, blocks, stride, dilate)
+
+
 # The CIFAR-style stem (3x3 conv, stride 1, no max-pool), for a plain state dict without
 # backbone.json; a method file's backbone.json describes its stem itself.
 SMALL_STEM = {"conv1": {"kernel_size": 3, "stride": 1, "padding": 1}, "maxpool": False}
@@ -153,8 +182,13 @@ def build_backbone(args: Args) -> tuple[nn.Module, dict]:
              if n.startswith(("resnet", "resnext", "wide_resnet"))]
     if arch not in names:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(names)}")
+    width = args.width or meta.get("width", 64)
+    if not isinstance(width, int) or width < 16 or width % 16:
+        raise ValueError(f"{meta_path}: width {width!r} is not a multiple of 16; fix it or give "
+                         f"--width")
     torch.manual_seed(args.seed)
-    net = torchvision.models.get_model(arch, weights=None)
+    net = (torchvision.models.get_model(arch, weights=None) if width == 64 else
+           ScaledResNet(arch, width, zero_init_residual=False))
     net.fc = nn.Identity()
     if stem and stem.get("conv1"):
         net.conv1 = nn.Conv2d(3, net.conv1.out_channels, bias=False, **stem["conv1"])
@@ -178,10 +212,10 @@ def build_backbone(args: Args) -> tuple[nn.Module, dict]:
             net.load_state_dict(state, strict=True)
         except (RuntimeError, KeyError, TypeError) as err:
             first = str(err).strip().splitlines()[0]
-            raise ValueError(f"{args.backbone} does not fit {arch} (small stem: {small}): "
-                             f"{first}; check --arch/--stem") from None
+            raise ValueError(f"{args.backbone} does not fit {arch} (width {width}, small stem: "
+                             f"{small}): {first}; check --arch/--width/--stem") from None
     resolution = args.resolution or meta.get("resolution", 32)
-    return net, {"arch": arch, "small_stem": small, "resolution": resolution}
+    return net, {"arch": arch, "width": width, "small_stem": small, "resolution": resolution}
 
 
 @torch.no_grad()

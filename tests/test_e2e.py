@@ -51,7 +51,7 @@ def test_run_writes_logs_checkpoint_provenance_and_backbone(script, straight):
 def test_export_and_its_stem_description(script, straight):
     out = straight(script)
     meta = json.load(open(out / "backbone.json"))
-    assert meta == {"arch": "resnet18", "resolution": 16, "method": script[:-3],
+    assert meta == {"arch": "resnet18", "width": 64, "resolution": 16, "method": script[:-3],
                     "stem": {"conv1": {"kernel_size": 3, "stride": 1, "padding": 1},
                              "maxpool": False}}
     net = load_exported_resnet18(out / "backbone.pt")

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import probe
-from conftest import ROOT
+from conftest import ROOT, run_method
 
 
 def common(straight, betons, **kw):
@@ -72,6 +72,28 @@ def test_probe_on_the_export_and_on_random_init(betons, straight):
     assert (out / "probe_random_init_seed0.json").exists() and other["knn"] != baseline["knn"]
     again = probe.main(probe.Args(**args, heads=("knn",)))  # cached: same features, same k-NN
     assert again["knn"] == trained["knn"]
+
+
+def test_a_narrower_resnet_from_training_to_probe(betons, tmp_path):
+    """--width 32: the method file trains a ScaledResNet, backbone.json records the width, and
+    probe.py rebuilds the same network from it (trained weights loaded strictly, and a random
+    init of the same width) without being told."""
+    out = tmp_path / "narrow"
+    run_method("vicreg.py", betons, out, "--width", "32", "--epochs", "1")
+    import json
+
+    assert json.load(open(out / "backbone.json"))["width"] == 32
+    state = torch.load(out / "backbone.pt", weights_only=True)
+    assert state["conv1.weight"].shape == (32, 3, 3, 3)
+    assert state["layer4.1.conv2.weight"].shape == (256, 256, 3, 3)
+    args = dict(backbone=str(out / "backbone.pt"), train_beton=betons["train"],
+                val_beton=betons["val"], epochs=5, num_workers=1, device="cpu",
+                heads=("linear", "knn"))
+    for res in (probe.main(probe.Args(**args)), probe.main(probe.Args(**args, random_init=True))):
+        assert res["width"] == 32 and res["small_stem"]
+        assert max(res[h]["top1"] for h in ("linear", "knn")) > 0.3  # far above chance (0.1)
+    with pytest.raises(ValueError, match="does not fit resnet18 \\(width 64"):
+        probe.main(probe.Args(**args, width=64))  # told otherwise: one line, not a traceback
 
 
 def test_top5_only_with_more_than_five_classes():

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
 
 import simclr
 from conftest import run_ddp
@@ -220,6 +221,27 @@ def test_backbones():
         simclr.make_backbone("vit_b_16", "small")
     assert simclr.resolve_stem("auto", 64) == "small" and simclr.resolve_stem("auto", 96) == (
         "imagenet") and simclr.resolve_stem("small-stride2", 224) == "small-stride2"
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50", "resnext50_32x4d", "wide_resnet50_2"])
+def test_scaled_resnet_is_torchvisions_with_every_width_scaled(arch):
+    """ScaledResNet at width 64 has torchvision's tensors, name for name and shape for shape; at
+    width 32 every channel count is halved (the RGB input and kernel sizes kept)."""
+    ref = torchvision.models.get_model(arch, weights=None).state_dict()
+    assert {k: v.shape for k, v in simclr.ScaledResNet(arch, 64, True).state_dict().items()} == {
+        k: v.shape for k, v in ref.items()}
+    half = {k: v.shape for k, v in simclr.ScaledResNet(arch, 32, True).state_dict().items()}
+    for name, tensor in ref.items():
+        if name.startswith("fc."):  # the classifier: 1000 classes from half the features
+            expected = (1000, tensor.shape[-1] // 2)[:tensor.dim()]
+        else:
+            expected = tuple(d if d == 3 or i >= 2 else d // 2 for i, d in enumerate(tensor.shape))
+        assert tuple(half[name]) == expected, name
+    net, features = simclr.make_backbone(arch, "small-stride2", False, 32)
+    assert features == ref["fc.weight"].shape[1] // 2
+    assert net(torch.randn(2, 3, 28, 28)).shape == (2, features)
+    with pytest.raises(ValueError, match="--width 40: must be a multiple of 16"):
+        simclr.validate(simclr.Args(width=40))
 
 
 def test_residual_blocks_start_as_the_identity():

@@ -10,9 +10,9 @@ import pytest
 from conftest import ROOT
 
 FILES = ["simclr.py", "barlowtwins.py", "vicreg.py", "instance_simclr.py"]
-SHARED = ["make_backbone", "stem_spec", "mlp", "probe_loss_of", "LARS", "param_groups",
-          "make_optimizer", "learning_rate", "evaluate", "knn_leave_one_out", "rankme",
-          "MONITOR_IMAGES", "resolve_stem", "global_mean", "plot_curves",
+SHARED = ["ScaledResNet", "make_backbone", "stem_spec", "mlp", "probe_loss_of", "LARS",
+          "param_groups", "make_optimizer", "learning_rate", "evaluate", "knn_leave_one_out",
+          "rankme", "MONITOR_IMAGES", "resolve_stem", "global_mean", "plot_curves",
           "bf16_is_fast", "autocast_dtype", "PRECISION_NAMES", "setup_processes",
           "save_provenance", "save_atomic", "flat_settings", "load_checkpoint", "start_fresh",
           "catch_preemption", "agree", "check_replicas", "RUN_ONLY", "CHECKPOINT_KEYS", "RESNETS",

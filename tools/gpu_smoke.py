@@ -10,7 +10,7 @@ Runs, side by side, each in its own process:
   on the device), bf16 autocast; 2 epochs;
 - simclr.py in fp16 with its gradient scaler, stopped after 8 steps (mid-epoch) and resumed (the
   dry run: fp32, 2 steps);
-- barlowtwins.py, vicreg.py, instance_simclr.py: 1 epoch each;
+- barlowtwins.py (at --width 32: ScaledResNet), vicreg.py, instance_simclr.py: 1 epoch each;
 then probe.py (heads and k-NN on the device) on the torchrun run's backbone. Checked: every exit
 status, the resolved device / precision / SyncBatchNorm in args.json, finite losses in log.jsonl,
 equal DDP replicas, the resumed run taking up at step 8 with its loss scale, and a k-NN accuracy
@@ -69,7 +69,7 @@ def main():
         f"{precision} simclr, stopped at step {stop_at} and resumed": ["bash", "-c", " ".join(
             [f"'{a}'" for a in resume + ["--max-steps", str(stop_at)]]) + " && "
             + " ".join(f"'{a}'" for a in resume)],
-        "barlowtwins": method("barlowtwins.py", "bt", "--epochs", "1"),
+        "barlowtwins, --width 32": method("barlowtwins.py", "bt", "--epochs", "1", "--width", "32"),
         "vicreg": method("vicreg.py", "vicreg", "--epochs", "1"),
         "instance_simclr": method("instance_simclr.py", "inst", "--epochs", "1"),
     }
@@ -94,6 +94,9 @@ def main():
         recs = records(d)
         check(f"{out}: {epochs} epochs logged, losses finite", len(recs) == epochs and all(
             math.isfinite(r["loss"]) for r in recs), [round(r["loss"], 4) for r in recs])
+    bt = os.path.join(work, "bt", "backbone.json")
+    check("barlowtwins: --width 32 exported", os.path.exists(bt) and json.load(open(bt)).get(
+        "width") == 32)
     ddp = json.load(open(os.path.join(work, "ddp", "args.json")))["resolved"]
     check("torchrun: one process, SyncBatchNorm on GPUs", ddp["world"] == 1
           and ddp["sync_bn"] == (not dry), ddp)
