@@ -18,11 +18,12 @@ their own noise). Each image's InfoNCE sees only its own K negatives, never the 
 Killed or pre-empted? Run the same command again: it resumes exactly where the last checkpoint
 (every epoch, every --checkpoint-every-min, and on SIGTERM / SIGUSR1) left it.
 
-Measured (README, "Does it learn?"; 2026-11-25, code before the 2026-11-26 changes: OpenCV crop
-resampling, clipped noise, no holdout in the probes; not re-measured since): Fashion-MNIST, 28 px,
-ResNet-18 with the small stem, 2 epochs on a 2-core CPU: linear probe 83.7% top-1 against 83.5% for
-random weights, MLP 88.5% against 87.3%, k-NN 81.9% against 82.6%; SimCLR gains 2.6 / 3.0 / 1.0
-points in the same budget.
+Measured (README, "Does it learn?"; 2026-11-27, 2-core Xeon with AMX, bf16): Fashion-MNIST,
+28 px, the CPU recipe of benchmarks/bench_fashion_mnist.py (ResNet-18 at half width, --width 32,
+with the stride-2 small stem and torchvision's init, batch 128, this file's LARS settings and
+noise), 10 minutes of training (1,773 steps): linear probe 82.6% top-1 against 79.3% +- 0.6 for
+the same network with random weights (three seeds), MLP 84.7% against 81.6%, k-NN 80.5% against
+78.1% (+3.3 / +3.1 / +2.4). At full width (--width 64) its 5-minute runs stayed below random init.
 """
 
 import hashlib

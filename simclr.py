@@ -12,16 +12,16 @@ Learning", 2023, https://arxiv.org/abs/2303.01986 (batch 256, temperature 0.15, 
 Killed or pre-empted? Run the same command again: it resumes exactly where the last checkpoint
 (every epoch, every --checkpoint-every-min, and on SIGTERM / SIGUSR1) left it.
 
-Measured (README, Quick start; 2026-11-26, 2-core Xeon with AMX, bf16): the main job (`make demo`:
-this file with the CPU recipe of benchmarks/bench_fashion_mnist.py, 28 px, ResNet-18 with the
-stride-2 small stem, torchvision init, batch 64, AdamW, 6 minutes = 585 steps) gives a linear
-probe of 83.4% top-1 against 80.8% +- 0.7 for three random inits (+2.6), MLP 84.3% against 82.3%
-(+1.9), k-NN 78.4% against 79.0% (-0.6); over fresh-clone runs since, +2.2 to +3.3 linear
-(506-708 steps, as fast as the machine ran: 84.1%, +3.3, at 708 steps on 2026-11-27). With 10 minutes (2026-11-27, 770 steps): +2.9 linear, +1.9 MLP, -0.6 k-NN; with 20
-(1,743 steps): linear 85.4% (+4.6), MLP 85.7% (+3.3), k-NN 80.8% (+1.8). On an H200 the four
-method files ran end to end (tools/gpu_smoke.py; README, Tests). Earlier
-(2026-11-25, older code), 2 epochs with the stride-1 small stem on another CPU: linear 86.0%
-against 83.5%, MLP 90.3% against 87.3%.
+Measured (README, Quick start and "Does it learn?"; 2026-11-27, 2-core Xeon with AMX, bf16): the
+main job (`make demo`: this file with the CPU recipe of benchmarks/bench_fashion_mnist.py, 28 px,
+ResNet-18 at half width, --width 32, with the stride-2 small stem, torchvision init, batch 64,
+AdamW, 6 minutes = 3,009 steps) gives a linear probe of 84.1% top-1 against 79.3% +- 0.6 for
+three random inits of the same network (+4.8), MLP 85.5% against 81.6% (+3.9), k-NN 80.9%
+against 78.1% (+2.8); with oneDNN restricted to AVX2 in fp32 (the slowest build CPU's case,
+1,598 steps) +5.4 linear. With 10 minutes (4,944 steps): linear 85.0% (+5.7), MLP 86.1% (+4.5),
+k-NN 81.8% (+3.7). At full width (--width 64) the main job's 6 minutes gave +2.2 to +3.3
+linear (506-708 steps). On an H200 the four method files ran end to end (tools/gpu_smoke.py;
+README, Tests).
 """
 
 import hashlib
