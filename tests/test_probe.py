@@ -116,7 +116,7 @@ def test_plain_state_dict_with_arch_and_stem(betons, straight, tmp_path):
     args["backbone"] = str(tmp_path / "weights.pt")
     with pytest.raises(ValueError, match="give --arch"):
         probe.main(probe.Args(**args))
-    with pytest.raises(ValueError, match="does not fit resnet18 \\(small stem: False\\)"):
+    with pytest.raises(ValueError, match="does not fit resnet18 \\(width 64, small stem: False\\)"):
         probe.main(probe.Args(**args, arch="resnet18", stem="imagenet"))
     res = probe.main(probe.Args(**args, arch="resnet18", stem="small"))
     assert res["small_stem"] and res["knn"]["top1"] > 0.3
