@@ -150,12 +150,17 @@ def torchvision_loader(root: str, views, args: Args, pin_memory: bool = False):
 
 
 def epoch_rate(loader, warmup_batches: int) -> float:
-    """Images per second over one epoch, after `warmup_batches` batches of an earlier one."""
+    """Images per second over one epoch, after `warmup_batches` batches of an earlier one (the
+    clock starts once the new epoch's iterator exists: its first batches are timed)."""
     for k, _ in enumerate(loader):
         if k + 1 >= warmup_batches:
             break
+    # The new epoch's iterator is made before the clock starts: that stops the warm-up epoch
+    # (ours: close() ends its thread; torchvision: its workers finish the batches they had
+    # prefetched for it), work that belongs to neither epoch.
+    epoch = iter(loader)
     n, start = 0, time.perf_counter()
-    for batch in loader:
+    for batch in epoch:
         n += len(batch[-1])
     return n / (time.perf_counter() - start)
 

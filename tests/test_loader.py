@@ -585,6 +585,32 @@ def test_an_unfinished_epoch_is_stopped_and_its_thread_ends(betons):
     assert len(collect(loader)[0]) == 4 * 64
 
 
+def test_close_starts_no_batch_after_it_is_called(betons, monkeypatch):
+    """close() used to set ffcv's terminate flag and wait: the thread, which reads that flag only
+    when a put has waited 0.5 s on a full queue, first filled the queue (3 more batches here,
+    each with a blur at 96 px), then waited; ~2 s at 112 px, a third of a benchmark's timed
+    epoch after its warm-up break. Now it starts no new batch (at most one it had already taken
+    its indices for) and the queue is emptied for its last puts."""
+    import time
+
+    started = []
+    original = C._EpochIterator.run_pipeline
+
+    def counting(self, *args):
+        started.append(time.perf_counter())
+        return original(self, *args)
+
+    monkeypatch.setattr(C._EpochIterator, "run_pipeline", counting)
+    loader = C.make_ssl_loader(betons["train"], C.byol_views(96), batch_size=32, num_workers=1)
+    it = iter(loader)
+    next(it), next(it)  # the thread now makes batch 3, with room in the queue (3 ahead)
+    called = time.perf_counter()
+    loader.close()
+    assert not it.is_alive() and loader._epoch is None
+    assert sum(t > called for t in started) <= 1, (len(started), started)
+    assert len(collect(loader)[0]) == len(loader) * 32  # and the next epoch is whole
+
+
 LEFT_MID_EPOCH = """
 import atexit, sys
 checks = []
