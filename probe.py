@@ -135,8 +135,7 @@ def validate(args: Args) -> None:
 class ScaledResNet(torchvision.models.ResNet):
     """torchvision's ResNet `arch` (its blocks, depths and groups) with `width` channels in its
     first stage instead of 64, doubled at each stage as there: width 32 has a quarter of the
-    parameters and multiply-adds of torchvision's (the CPU demo's encoder). The method files
-    define the same class."""
+    parameters and multiply-adds of torchvision's (the CPU demo's encoder, ~4x faster steps)."""
 
     def __init__(self, arch: str, width: int, zero_init_residual: bool):
         ref = torchvision.models.get_model(arch, weights=None)

@@ -38,6 +38,11 @@ def test_shared_infrastructure_is_identical(path):
         assert other[name] == ref[name], f"{name} differs between {FILES[0]} and {path}"
 
 
+def test_probe_builds_the_method_files_scaled_resnet():
+    """probe.py rebuilds a --width backbone with its own copy of the class: the same code."""
+    assert definitions("probe.py")["ScaledResNet"] == definitions(FILES[0])["ScaledResNet"]
+
+
 @pytest.mark.parametrize("path", FILES)
 def test_every_setting_is_documented(path):
     tree = ast.parse(open(os.path.join(ROOT, path)).read())
