@@ -1210,11 +1210,11 @@ class SSLLoader(Loader):
         return self._epoch
 
     def close(self) -> None:
-        """Stops an unfinished epoch, after at most the batch in progress. ffcv's loading thread holds a reference to its iterator,
-        so an epoch left unfinished (`next(iter(loader))`, a `break`) is never collected: its
-        thread fills the queue, then waits forever, keeping the epoch's batch buffers (~0.5 GB
-        for two 160 px views at batch 64, measured). Called by every new epoch; call it when
-        you drop a loader mid-epoch."""
+        """Stops an unfinished epoch, after at most the batch in progress. ffcv's loading
+        thread holds a reference to its iterator, so an epoch left unfinished
+        (`next(iter(loader))`, a `break`) is never collected: its thread fills the queue, then
+        waits forever, keeping the epoch's batch buffers (~0.5 GB for two 160 px views at batch
+        64, measured). Called by every new epoch; call it when you drop a loader mid-epoch."""
         epoch, self._epoch = self._epoch, None
         if epoch is None:
             return
