@@ -1,38 +1,67 @@
-"""The FFCV multi-view pipeline and the SSL augmentations: the only code the method files share.
+"""The FFCV multi-view pipeline, the SSL augmentations, and the run infrastructure that no method
+changes: the only module the method files (and probe.py) share. Five parts, top to bottom:
 
-ffcv 1.0.2 decodes, crops and flips; it lacks hue, grayscale, blur, solarization and noise, and its
-random operations are not reproducible. This module adds, as numba-compiled ffcv Operations:
+Part 1. Compiled code: numba's flags and its on-disk cache (safe for processes that compile at
+    once), ffcv's C++ JPEG decoder declared for our kernels.
+Part 2. Augmentations. ffcv 1.0.2 decodes, crops and flips; it lacks hue, grayscale, blur,
+    solarization and noise, and its random operations are not reproducible. Here, as
+    numba-compiled ffcv Operations, each drawing from its own counter-based random stream:
+        RandomHorizontalFlip  mirror left-right
+        RandomColorJitter     brightness, contrast, saturation, hue; torchvision's factors and
+                              random order
+        RandomGrayscale       ITU-R 601-2 luma, as torchvision's rgb_to_grayscale
+        RandomSolarization    x -> 255 - x where x >= threshold
+        RandomGaussianBlur    separable Gaussian, sigma ~ U(sigma range), reflect padding
+        GaussianNoise         additive N(0, std) per pixel (std in [0, 1] image units)
+        AugmentChain          several of the above in one pass per image (how a view's run)
+    ViewConfig holds one view's recipe (the method files' --view1.* flags); simclr_views,
+    byol_views and minimal_views are the papers'. How to add an augmentation: Part 2's first
+    comment.
+Part 3. Data. RandomResizedCrop (ffcv's crop decoder with reproducible boxes, resampled as
+    torchvision does: bilinear with antialiasing, not OpenCV's INTER_AREA; JPEGs decoded only
+    where the crops are), CenterCrop (evaluation), MultiViewCrop (several views from one decode),
+    NegativePatchCrop (instance SimCLR); make_ssl_loader and make_eval_loader yield
+    `(view_1, ..., view_k, label)` or `(image, label)`:
 
-    RandomColorJitter   brightness, contrast, saturation, hue; torchvision's factors and random order
-    RandomGrayscale     ITU-R 601-2 luma, as torchvision's rgb_to_grayscale
-    RandomSolarization  x -> 255 - x where x >= threshold
-    RandomGaussianBlur  separable Gaussian, sigma ~ U(sigma range), reflect padding
-    GaussianNoise       additive N(0, std) per pixel (std in [0, 1] image units), for instance SimCLR
-    RandomResizedCrop   ffcv's crop decoder with its boxes drawn reproducibly, resampled as
-                        torchvision does (bilinear with antialiasing), not with OpenCV's INTER_AREA
-    CenterCrop          the evaluation crop, resampled the same way
-    AugmentChain        several of the above in one pass per image (how the loaders run a view's)
+        loader = make_ssl_loader("data/fashion-mnist_train.beton", simclr_views(32), 256)
+        for x1, x2, y in loader: ...
 
-and loaders that yield `(view_1, ..., view_k, label)` or `(image, label)`:
-
-    loader = make_ssl_loader("data/fashion-mnist_train.beton", simclr_views(32), batch_size=256)
-    for x1, x2, y in loader: ...
+Part 4. Run infrastructure, as passive helpers that the training loops call:
+        settings     DataConfig, NumericsConfig, RunConfig (groups of flags), check_settings
+        backbones    make_backbone (torchvision's ResNets at any --width, three stems), stem_spec
+        LARS         the optimiser of SimCLR and Barlow Twins
+        processes    start_processes -> Env (device, DDP rank, precision), parallel, finish
+        checkpoints  open_run, load_checkpoint, resume, save_checkpoint: exact resume
+        Clock        training time, time budget, checkpoint interval, pre-emption signals
+        Logbook      console line, log.jsonl, TensorBoard, wandb, curves.png
+        monitors     probe_loss_of, evaluate (online linear probe, k-NN, RankMe)
+        export       export_backbone: backbone.pt and backbone.json, which probe.py rebuilds
+Part 5. Preview what a recipe does:
+        python ffcv_ssl_common.py --beton data/fashion-mnist_train.beton
 
 Reproducibility: every random number is a hash of (the operation's seed, derived from the loader's
 seed; the image indices of the batch; the image's slot; a counter), so the same seed gives the same
 batches whatever the number of worker threads, and a shuffled loader gives new views every epoch.
-
-Preview what a recipe does:  python ffcv_ssl_common.py --beton data/fashion-mnist_train.beton
 """
 
 import atexit
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
+import importlib.util
+import json
 import math
 import os
 import pickle
 import queue
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import typing
 import weakref
 from dataclasses import dataclass, replace
 from typing import Literal, Sequence
@@ -42,6 +71,13 @@ import numba
 import numba.typed
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+import tyro
+import tyro._strings
+from tqdm import tqdm
 from numba.core.caching import FunctionCache, IndexDataCacheFile
 from numba.core.dispatcher import Dispatcher
 from numba.core.serialize import dumps as numba_dumps
@@ -71,6 +107,10 @@ finally:
 # ImageNet statistics in 0-255 units; every method file normalises with these unless told otherwise.
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406]) * 255
 IMAGENET_STD = np.array([0.229, 0.224, 0.225]) * 255
+
+# ==============================================================================================
+# Part 1. Compiled code: numba's flags and its on-disk cache, ffcv's C++ decoder.
+# ==============================================================================================
 
 # Our compiled code is kept on disk (__pycache__, or $NUMBA_CACHE_DIR): a new process loads it
 # instead of compiling again, which is most of what makes a loader's first batch slow.
@@ -186,6 +226,27 @@ def _read_sample(address, state):
             return state[0][state[3][page], offset:offset + size]
     return read
 
+# ==============================================================================================
+# Part 2. Augmentations: counter-based random numbers, the per-image kernels, the ffcv
+# Operations that apply them, and the view recipes (ViewConfig). How to add one: below.
+# ==============================================================================================
+# How to add an augmentation (say, a random inversion):
+# 1. A kernel that changes one (H, W, 3) uint8 image in place, at module level and decorated
+#    @_njit (numba caches it on disk only then): `def invert_(img): ...`. Its random numbers come
+#    from `uniform(key, counter)` or `normal_pair(key, counter)` with counters from 1 on: counter
+#    0 of the image's stream `key` decides whether the operation fires (augment_batch).
+# 2. A kind: add INVERT to the `FLIP, JITTER, ... = range(...)` line, and its branch to _apply(),
+#    which reads its settings from consts[1:] (consts[0] is its probability).
+# 3. An Operation: `class RandomInvert(_BatchOp)` with `kind = INVERT` and a `seed_offset` that no
+#    other operation has, below SEEDS_PER_VIEW: the loaders give view k the seeds
+#    base + SEEDS_PER_VIEW * (k + 1) + offset, offset 0 being its crop, so an offset of
+#    SEEDS_PER_VIEW would draw the next view's crop's numbers. _BatchOp refuses a taken or too
+#    large offset when the class is defined (tests/test_loader.py checks every stream of a loader
+#    is distinct).
+# 4. ViewConfig: the settings (say `invert_p`, with a docstring each: they become --view1.invert-p
+#    and its help), a rule in ViewConfig.validate(), a line in ViewConfig.augmentations().
+# tests/test_augmentations.py compares each kernel with torchvision's functional on real photos:
+# add the new one there.
 
 # ----------------------------------------------------------------------------------------------
 # Random numbers. ffcv's own random ops draw from numba's per-thread generators, so their output
@@ -496,6 +557,344 @@ FLIP, JITTER, GRAYSCALE, BLUR, SOLARIZE, NOISE = range(6)
 
 
 @_njit
+def hflip_(img):
+    # Pixels swapped within each row seen as flat bytes: 4x faster than 3-d indexing (140 -> 37
+    # us for 224 px, one core).
+    h, w, _ = img.shape  # 3 channels
+    flat = img.reshape(h, w * 3)
+    for y in range(h):
+        row = flat[y]
+        for x in range(w // 2):
+            a, b = 3 * x, 3 * (w - 1 - x)
+            r, g, bl = row[a], row[a + 1], row[a + 2]
+            row[a], row[a + 1], row[a + 2] = row[b], row[b + 1], row[b + 2]
+            row[b], row[b + 1], row[b + 2] = r, g, bl
+
+
+@_njit
+def _apply(kind, img, key, consts):
+    if kind == FLIP:
+        hflip_(img)
+    elif kind == JITTER:  # consts: p, brightness, contrast, saturation, hue strengths
+        b, c, s, h = consts[1], consts[2], consts[3], consts[4]
+        factors = np.array([max(0.0, 1 - b) + (1 + b - max(0.0, 1 - b)) * uniform(key, 1),
+                            max(0.0, 1 - c) + (1 + c - max(0.0, 1 - c)) * uniform(key, 2),
+                            max(0.0, 1 - s) + (1 + s - max(0.0, 1 - s)) * uniform(key, 3),
+                            -h + 2 * h * uniform(key, 4)])
+        order = np.argsort(np.array([uniform(key, 5 + k) for k in range(4)]))  # a random permutation
+        for op in order:
+            if consts[1 + op] == 0:  # zero strength: torchvision leaves the adjustment out
+                continue
+            if op == 0:
+                adjust_brightness_(img, factors[0])
+            elif op == 1:
+                adjust_contrast_(img, factors[1])
+            elif op == 2:
+                adjust_saturation_(img, factors[2])
+            else:
+                adjust_hue_(img, factors[3])
+    elif kind == GRAYSCALE:
+        to_grayscale_(img)
+    elif kind == BLUR:  # consts: p, kernel size, sigma min, sigma max
+        k = int(consts[1])
+        if k // 2 < min(img.shape[0], img.shape[1]):  # reflect padding needs a margin
+            gaussian_blur_(img, k, consts[2] + (consts[3] - consts[2]) * uniform(key, 1))
+    elif kind == SOLARIZE:  # consts: p, threshold
+        solarize_(img, np.uint8(consts[1]))
+    elif kind == NOISE:  # consts: p, std
+        add_gaussian_noise_(img, consts[1], key)
+
+
+@_njit(parallel=True)
+def augment_batch(kinds, images, dst, batch_indices, seeds, consts):
+    """The parallel loop shared by every augmentation: copy each image, then apply operation j
+    (kinds[j], settings consts[j], consts[j, 0] its probability), j in order, each with its own
+    random stream (seeds[j]). One cached, compiled function serves all of them: compiling a
+    parallel loop takes seconds, and ffcv would otherwise compile one per operation and per view,
+    in every process. A view's operations in one call (AugmentChain) transform each image while it
+    is in the core's cache, instead of passing over the whole batch once per operation."""
+    n = images.shape[0]
+    keys = np.empty(len(kinds), np.uint64)
+    for j in range(len(kinds)):
+        keys[j] = batch_key(batch_indices, seeds[j])
+    for i in numba.prange(n):
+        dst[i] = images[i]
+        for j in range(len(kinds)):
+            image_key = sample_key(keys[j], i)
+            if uniform(image_key, 0) < consts[j, 0]:
+                _apply(kinds[j], dst[i], image_key, consts[j])
+    return dst[:n]
+
+
+# ----------------------------------------------------------------------------------------------
+# ffcv Operations. They write to their own output buffer instead of working in place: two views
+# branching after one shared crop read the same input, and an in-place op in one branch would
+# change the other.
+# ----------------------------------------------------------------------------------------------
+SEEDS_PER_VIEW = 10  # a view's random streams: its crop (offset 0), then its operations' offsets
+
+
+class _BatchOp(Operation):
+    """Base of our augmentations: uint8 (B, H, W, 3) in, a new uint8 (B, H, W, 3) buffer out.
+    `seed_offset`: the operation's stream within a view (ViewConfig.augmentations), unique."""
+
+    kind = -1
+    seed_offset = 0
+    _offsets: dict = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "seed_offset" not in cls.__dict__:
+            return  # AugmentChain, or a subclass of an operation: no stream of its own
+        taken = _BatchOp._offsets.setdefault(cls.seed_offset, cls.__name__)
+        if not 0 < cls.seed_offset < SEEDS_PER_VIEW or taken != cls.__name__:
+            raise TypeError(f"{cls.__name__}.seed_offset {cls.seed_offset}: must be in 1.."
+                            f"{SEEDS_PER_VIEW - 1} and not another operation's ({taken}'s)")
+
+    def __init__(self, p: float, *settings: float, seed: int = 0):
+        super().__init__()
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"{type(self).__name__}: probability must be in [0, 1], got {p}")
+        self.p, self.seed = p, seed
+        self.consts = np.array([p, *settings], np.float64)
+
+    def declare_state_and_memory(self, previous_state):
+        if previous_state.shape[-1] != 3 or previous_state.dtype != np.uint8:
+            raise TypeError(f"{type(self).__name__} needs uint8 (H, W, 3) images before ToTensor, "
+                            f"got {previous_state.dtype} {previous_state.shape}")
+        return replace(previous_state, jit_mode=True), AllocationQuery(previous_state.shape, np.uint8)
+
+    def generate_code(self):
+        return AugmentChain([self]).generate_code()
+
+
+class RandomHorizontalFlip(_BatchOp):
+    """Mirror left-right with probability p (ffcv's flip is not reproducible, see above)."""
+
+    kind, seed_offset = FLIP, 1
+
+    def __init__(self, p=0.5, seed=0):
+        super().__init__(p, seed=seed)
+
+
+class RandomColorJitter(_BatchOp):
+    """torchvision's `RandomApply([ColorJitter(b, c, s, h)], p)`: with probability p, the four
+    adjustments in a random order, factors ~ U[max(0, 1 - x), 1 + x] (hue: U[-h, h]); a zero
+    strength leaves that adjustment out, as torchvision does."""
+
+    kind, seed_offset = JITTER, 2
+
+    def __init__(self, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, p=0.8, seed=0):
+        if min(brightness, contrast, saturation) < 0 or not 0 <= hue <= 0.5:
+            raise ValueError(f"jitter strengths must be >= 0 (hue in [0, 0.5]), got "
+                             f"{brightness}, {contrast}, {saturation}, {hue}")
+        super().__init__(p, brightness, contrast, saturation, hue, seed=seed)
+
+
+class RandomGrayscale(_BatchOp):
+    """torchvision's `RandomGrayscale(p)`: the luma copied to all three channels."""
+
+    kind, seed_offset = GRAYSCALE, 3
+
+    def __init__(self, p=0.2, seed=0):
+        super().__init__(p, seed=seed)
+
+
+class RandomSolarization(_BatchOp):
+    """torchvision's `RandomSolarize(threshold, p)` on uint8: pixels >= threshold become 255 - x."""
+
+    kind, seed_offset = SOLARIZE, 5
+
+    def __init__(self, threshold=128, p=0.2, seed=0):
+        if not 0 <= threshold <= 255:
+            raise ValueError(f"solarization threshold must be a grey level 0-255, got {threshold}")
+        super().__init__(p, threshold, seed=seed)
+
+
+class RandomGaussianBlur(_BatchOp):
+    """torchvision's `RandomApply([GaussianBlur(kernel_size, sigma)], p)`: sigma ~ U(sigma range)
+    per image, reflect padding, rounded back to uint8."""
+
+    kind, seed_offset = BLUR, 4
+
+    def __init__(self, kernel_size, sigma=(0.1, 2.0), p=0.5, seed=0):
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"blur kernel size must be odd and positive, got {kernel_size}")
+        if not 0 < sigma[0] <= sigma[1]:
+            raise ValueError(f"blur sigma range must satisfy 0 < min <= max, got {sigma}")
+        super().__init__(p, kernel_size, sigma[0], sigma[1], seed=seed)
+
+
+class GaussianNoise(_BatchOp):
+    """Adds N(0, std^2) to every pixel and channel, std in [0, 1] image units (std=0.1 is about 25
+    grey levels), then rounds and clips to uint8."""
+
+    kind, seed_offset = NOISE, 6
+
+    def __init__(self, std=0.1, p=1.0, seed=0):
+        if std < 0:
+            raise ValueError(f"noise std must be >= 0, got {std}")
+        super().__init__(p, std, seed=seed)
+
+
+class AugmentChain(_BatchOp):
+    """Several of the operations above as one: each image goes through all of them in turn, with
+    the same random draws and pixels as the operations one after the other (each keeps its seed),
+    read and written once instead of once per operation. The loaders run each view's operations
+    (ViewConfig.augmentations) this way."""
+
+    def __init__(self, ops: Sequence[_BatchOp]):
+        Operation.__init__(self)
+        if not ops or not all(isinstance(op, _BatchOp) for op in ops):
+            raise TypeError(f"AugmentChain needs one or more of our augmentations, got {ops}")
+        self.ops = [o for op in ops for o in (op.ops if isinstance(op, AugmentChain) else [op])]
+
+    def generate_code(self):
+        kinds = np.array([op.kind for op in self.ops], np.int64)
+        seeds = np.array([op.seed for op in self.ops], np.uint64)
+        consts = np.zeros((len(self.ops), max(len(op.consts) for op in self.ops)), np.float64)
+        for j, op in enumerate(self.ops):
+            consts[j, :len(op.consts)] = op.consts
+
+        def augment(images, dst, batch_indices):
+            return augment_batch(kinds, images, dst, batch_indices, seeds, consts)
+
+        augment.with_indices = True  # ffcv passes the batch's image indices: our random keys
+        return _cached(augment)
+
+
+# ----------------------------------------------------------------------------------------------
+# View recipes.
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class ViewConfig:
+    """How one view is made from an image; the operations run in this order."""
+
+    resolution: int = 32
+    """Output side in pixels (the random crop is resized to resolution x resolution)."""
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    """Range of the crop's area as a fraction of the image (torchvision RandomResizedCrop)."""
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    """Range of the crop's aspect ratio, sampled log-uniformly."""
+    flip_p: float = 0.5
+    """Probability of a horizontal flip."""
+    jitter_p: float = 0.8
+    """Probability of applying colour jitter (then all four adjustments, in random order)."""
+    brightness: float = 0.4
+    """Brightness strength: factor ~ U[max(0, 1 - x), 1 + x]; 0 disables it."""
+    contrast: float = 0.4
+    """Contrast strength, as brightness."""
+    saturation: float = 0.2
+    """Saturation strength, as brightness."""
+    hue: float = 0.1
+    """Hue strength: shift ~ U[-x, x] of the colour wheel, x <= 0.5."""
+    grayscale_p: float = 0.2
+    """Probability of turning the view to grayscale."""
+    blur_p: float = 0.0
+    """Probability of a Gaussian blur."""
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    """Range of the blur's sigma in pixels."""
+    blur_kernel_size: int = 0
+    """Blur kernel side (odd); 0 picks about 10% of the resolution, as SimCLR and BYOL do."""
+    solarize_p: float = 0.0
+    """Probability of solarization."""
+    solarize_threshold: int = 128
+    """Pixels at or above this grey level (0-255) are inverted."""
+    noise_p: float = 0.0
+    """Probability of additive Gaussian noise."""
+    noise_std: float = 0.0
+    """Noise standard deviation in [0, 1] image units."""
+
+    def validate(self, prefix: str = "") -> None:
+        """One line naming the first bad setting (flags as a method file's: `--view1.hue`)."""
+        def pair_ok(v, low, high):
+            return low < v[0] <= v[1] <= high
+        rules = [
+            ("resolution", self.resolution, 1 <= self.resolution <= 4096, "an integer in 1..4096"),
+            ("crop-scale", self.crop_scale, pair_ok(self.crop_scale, 0, 1),
+             "two fractions 0 < min <= max <= 1"),
+            ("crop-ratio", self.crop_ratio, pair_ok(self.crop_ratio, 0, math.inf),
+             "two ratios 0 < min <= max"),
+            ("brightness", self.brightness, self.brightness >= 0, ">= 0"),
+            ("contrast", self.contrast, self.contrast >= 0, ">= 0"),
+            ("saturation", self.saturation, self.saturation >= 0, ">= 0"),
+            ("hue", self.hue, 0 <= self.hue <= 0.5, "in [0, 0.5]"),
+            ("blur-sigma", self.blur_sigma, pair_ok(self.blur_sigma, 0, math.inf),
+             "two values 0 < min <= max (pixels)"),
+            ("blur-kernel-size", self.blur_kernel_size,
+             self.blur_kernel_size == 0 or (self.blur_kernel_size > 0 and self.blur_kernel_size % 2),
+             "0 (automatic) or an odd integer >= 1"),
+            ("solarize-threshold", self.solarize_threshold, 0 <= self.solarize_threshold <= 255,
+             "a grey level in 0..255"),
+            ("noise-std", self.noise_std, self.noise_std >= 0, ">= 0 (in [0, 1] image units)"),
+        ] + [(name.replace("_", "-"), getattr(self, name), 0 <= getattr(self, name) <= 1,
+              "a probability in [0, 1]")
+             for name in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p", "noise_p")]
+        for name, value, allowed, what in rules:
+            numbers = value if isinstance(value, tuple) else (value,)
+            if len(numbers) != (2 if isinstance(value, tuple) else 1) or not all(
+                    math.isfinite(v) for v in numbers) or not allowed:
+                raise ValueError(f"{prefix}{name} {value}: must be {what}")
+
+    def kernel_size(self) -> int:
+        if self.blur_kernel_size:
+            return self.blur_kernel_size
+        return max(3, int(0.1 * self.resolution) // 2 * 2 + 1)
+
+    def augmentations(self, seed: int = 0) -> list[Operation]:
+        """The operations after the crop, each on its own random stream (seed + its seed_offset),
+        leaving out those that never fire (less to compile)."""
+        ops: list[_BatchOp] = []
+        if self.flip_p > 0:
+            ops.append(RandomHorizontalFlip(self.flip_p))
+        if self.jitter_p > 0 and max(self.brightness, self.contrast, self.saturation, self.hue) > 0:
+            ops.append(RandomColorJitter(self.brightness, self.contrast, self.saturation, self.hue,
+                                         self.jitter_p))
+        if self.grayscale_p > 0:
+            ops.append(RandomGrayscale(self.grayscale_p))
+        if self.blur_p > 0:
+            ops.append(RandomGaussianBlur(self.kernel_size(), self.blur_sigma, self.blur_p))
+        if self.solarize_p > 0:
+            ops.append(RandomSolarization(self.solarize_threshold, self.solarize_p))
+        if self.noise_p > 0 and self.noise_std > 0:
+            ops.append(GaussianNoise(self.noise_std, self.noise_p))
+        for op in ops:
+            op.seed = seed + op.seed_offset
+        return ops
+
+
+def simclr_views(resolution: int = 32) -> tuple[ViewConfig, ViewConfig]:
+    """SimCLR (Chen et al. 2020): two identically distributed views; colour strength 0.5 (jitter
+    0.4/0.4/0.4/0.1, p=0.8), grayscale 0.2. Its ImageNet recipe adds blur p=0.5; its CIFAR recipe
+    and this small-image default leave blur out."""
+    v = ViewConfig(resolution=resolution, saturation=0.4)
+    return v, replace(v)
+
+
+def byol_views(resolution: int = 32) -> tuple[ViewConfig, ViewConfig]:
+    """BYOL (Grill et al. 2020), also used by VICReg and Barlow Twins: jitter 0.4/0.4/0.2/0.1 p=0.8,
+    grayscale 0.2, and asymmetric blur (1.0 / 0.1) and solarization (0 / 0.2)."""
+    v = ViewConfig(resolution=resolution)
+    return replace(v, blur_p=1.0), replace(v, blur_p=0.1, solarize_p=0.2)
+
+
+def minimal_views(resolution: int = 32) -> tuple[ViewConfig, ViewConfig]:
+    """The paper's finding (Bordes et al. 2023, Sec. 4): random crop + grayscale go a long way."""
+    v = ViewConfig(resolution=resolution, flip_p=0.0, jitter_p=0.0, grayscale_p=0.2)
+    return v, replace(v)
+
+
+PRESETS = {"simclr": simclr_views, "byol": byol_views, "minimal": minimal_views}
+
+
+# ==============================================================================================
+# Part 3. Data: crops resampled as torchvision does, JPEGs decoded only where the crops
+# are, the crop decoders, and the loaders.
+# ==============================================================================================
+# ----------------------------------------------------------------------------------------------
+# Resampling: a crop resized as torchvision's RandomResizedCrop / Resize (antialiased).
+# ----------------------------------------------------------------------------------------------
+@_njit
 def antialias_weights(start, length, out_size):
     """torchvision's resampling weights (F.interpolate(mode="bilinear", antialias=True,
     align_corners=False), the same triangle filter as PIL) for the input span [start, start +
@@ -627,198 +1026,6 @@ def crop_box(kind, key, anchor_key, height, width, scale, log_ratio):
         anchor_box = random_crop_box(anchor_key, height, width, scale, log_ratio)
         return negative_patch_box(key, anchor_box, height, width)
     return random_crop_box(key, height, width, scale, log_ratio)
-
-
-@_njit
-def hflip_(img):
-    # Pixels swapped within each row seen as flat bytes: 4x faster than 3-d indexing (140 -> 37
-    # us for 224 px, one core).
-    h, w, _ = img.shape  # 3 channels
-    flat = img.reshape(h, w * 3)
-    for y in range(h):
-        row = flat[y]
-        for x in range(w // 2):
-            a, b = 3 * x, 3 * (w - 1 - x)
-            r, g, bl = row[a], row[a + 1], row[a + 2]
-            row[a], row[a + 1], row[a + 2] = row[b], row[b + 1], row[b + 2]
-            row[b], row[b + 1], row[b + 2] = r, g, bl
-
-
-@_njit
-def _apply(kind, img, key, consts):
-    if kind == FLIP:
-        hflip_(img)
-    elif kind == JITTER:  # consts: p, brightness, contrast, saturation, hue strengths
-        b, c, s, h = consts[1], consts[2], consts[3], consts[4]
-        factors = np.array([max(0.0, 1 - b) + (1 + b - max(0.0, 1 - b)) * uniform(key, 1),
-                            max(0.0, 1 - c) + (1 + c - max(0.0, 1 - c)) * uniform(key, 2),
-                            max(0.0, 1 - s) + (1 + s - max(0.0, 1 - s)) * uniform(key, 3),
-                            -h + 2 * h * uniform(key, 4)])
-        order = np.argsort(np.array([uniform(key, 5 + k) for k in range(4)]))  # a random permutation
-        for op in order:
-            if consts[1 + op] == 0:  # zero strength: torchvision leaves the adjustment out
-                continue
-            if op == 0:
-                adjust_brightness_(img, factors[0])
-            elif op == 1:
-                adjust_contrast_(img, factors[1])
-            elif op == 2:
-                adjust_saturation_(img, factors[2])
-            else:
-                adjust_hue_(img, factors[3])
-    elif kind == GRAYSCALE:
-        to_grayscale_(img)
-    elif kind == BLUR:  # consts: p, kernel size, sigma min, sigma max
-        k = int(consts[1])
-        if k // 2 < min(img.shape[0], img.shape[1]):  # reflect padding needs a margin
-            gaussian_blur_(img, k, consts[2] + (consts[3] - consts[2]) * uniform(key, 1))
-    elif kind == SOLARIZE:  # consts: p, threshold
-        solarize_(img, np.uint8(consts[1]))
-    elif kind == NOISE:  # consts: p, std
-        add_gaussian_noise_(img, consts[1], key)
-
-
-@_njit(parallel=True)
-def augment_batch(kinds, images, dst, batch_indices, seeds, consts):
-    """The parallel loop shared by every augmentation: copy each image, then apply operation j
-    (kinds[j], settings consts[j], consts[j, 0] its probability), j in order, each with its own
-    random stream (seeds[j]). One cached, compiled function serves all of them: compiling a
-    parallel loop takes seconds, and ffcv would otherwise compile one per operation and per view,
-    in every process. A view's operations in one call (AugmentChain) transform each image while it
-    is in the core's cache, instead of passing over the whole batch once per operation."""
-    n = images.shape[0]
-    keys = np.empty(len(kinds), np.uint64)
-    for j in range(len(kinds)):
-        keys[j] = batch_key(batch_indices, seeds[j])
-    for i in numba.prange(n):
-        dst[i] = images[i]
-        for j in range(len(kinds)):
-            image_key = sample_key(keys[j], i)
-            if uniform(image_key, 0) < consts[j, 0]:
-                _apply(kinds[j], dst[i], image_key, consts[j])
-    return dst[:n]
-
-
-# ----------------------------------------------------------------------------------------------
-# ffcv Operations. They write to their own output buffer instead of working in place: two views
-# branching after one shared crop read the same input, and an in-place op in one branch would
-# change the other.
-# ----------------------------------------------------------------------------------------------
-class _BatchOp(Operation):
-    """Base of our augmentations: uint8 (B, H, W, 3) in, a new uint8 (B, H, W, 3) buffer out."""
-
-    kind = -1
-
-    def __init__(self, p: float, *settings: float, seed: int = 0):
-        super().__init__()
-        if not 0.0 <= p <= 1.0:
-            raise ValueError(f"{type(self).__name__}: probability must be in [0, 1], got {p}")
-        self.p, self.seed = p, seed
-        self.consts = np.array([p, *settings], np.float64)
-
-    def declare_state_and_memory(self, previous_state):
-        if previous_state.shape[-1] != 3 or previous_state.dtype != np.uint8:
-            raise TypeError(f"{type(self).__name__} needs uint8 (H, W, 3) images before ToTensor, "
-                            f"got {previous_state.dtype} {previous_state.shape}")
-        return replace(previous_state, jit_mode=True), AllocationQuery(previous_state.shape, np.uint8)
-
-    def generate_code(self):
-        return AugmentChain([self]).generate_code()
-
-
-class RandomHorizontalFlip(_BatchOp):
-    """Mirror left-right with probability p (ffcv's flip is not reproducible, see above)."""
-
-    kind = FLIP
-
-    def __init__(self, p=0.5, seed=0):
-        super().__init__(p, seed=seed)
-
-
-class RandomColorJitter(_BatchOp):
-    """torchvision's `RandomApply([ColorJitter(b, c, s, h)], p)`: with probability p, the four
-    adjustments in a random order, factors ~ U[max(0, 1 - x), 1 + x] (hue: U[-h, h]); a zero
-    strength leaves that adjustment out, as torchvision does."""
-
-    kind = JITTER
-
-    def __init__(self, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, p=0.8, seed=0):
-        if min(brightness, contrast, saturation) < 0 or not 0 <= hue <= 0.5:
-            raise ValueError(f"jitter strengths must be >= 0 (hue in [0, 0.5]), got "
-                             f"{brightness}, {contrast}, {saturation}, {hue}")
-        super().__init__(p, brightness, contrast, saturation, hue, seed=seed)
-
-
-class RandomGrayscale(_BatchOp):
-    """torchvision's `RandomGrayscale(p)`: the luma copied to all three channels."""
-
-    kind = GRAYSCALE
-
-    def __init__(self, p=0.2, seed=0):
-        super().__init__(p, seed=seed)
-
-
-class RandomSolarization(_BatchOp):
-    """torchvision's `RandomSolarize(threshold, p)` on uint8: pixels >= threshold become 255 - x."""
-
-    kind = SOLARIZE
-
-    def __init__(self, threshold=128, p=0.2, seed=0):
-        if not 0 <= threshold <= 255:
-            raise ValueError(f"solarization threshold must be a grey level 0-255, got {threshold}")
-        super().__init__(p, threshold, seed=seed)
-
-
-class RandomGaussianBlur(_BatchOp):
-    """torchvision's `RandomApply([GaussianBlur(kernel_size, sigma)], p)`: sigma ~ U(sigma range)
-    per image, reflect padding, rounded back to uint8."""
-
-    kind = BLUR
-
-    def __init__(self, kernel_size, sigma=(0.1, 2.0), p=0.5, seed=0):
-        if kernel_size < 1 or kernel_size % 2 == 0:
-            raise ValueError(f"blur kernel size must be odd and positive, got {kernel_size}")
-        if not 0 < sigma[0] <= sigma[1]:
-            raise ValueError(f"blur sigma range must satisfy 0 < min <= max, got {sigma}")
-        super().__init__(p, kernel_size, sigma[0], sigma[1], seed=seed)
-
-
-class GaussianNoise(_BatchOp):
-    """Adds N(0, std^2) to every pixel and channel, std in [0, 1] image units (std=0.1 is about 25
-    grey levels), then rounds and clips to uint8."""
-
-    kind = NOISE
-
-    def __init__(self, std=0.1, p=1.0, seed=0):
-        if std < 0:
-            raise ValueError(f"noise std must be >= 0, got {std}")
-        super().__init__(p, std, seed=seed)
-
-
-class AugmentChain(_BatchOp):
-    """Several of the operations above as one: each image goes through all of them in turn, with
-    the same random draws and pixels as the operations one after the other (each keeps its seed),
-    read and written once instead of once per operation. The loaders run each view's operations
-    (ViewConfig.augmentations) this way."""
-
-    def __init__(self, ops: Sequence[_BatchOp]):
-        Operation.__init__(self)
-        if not ops or not all(isinstance(op, _BatchOp) for op in ops):
-            raise TypeError(f"AugmentChain needs one or more of our augmentations, got {ops}")
-        self.ops = [o for op in ops for o in (op.ops if isinstance(op, AugmentChain) else [op])]
-
-    def generate_code(self):
-        kinds = np.array([op.kind for op in self.ops], np.int64)
-        seeds = np.array([op.seed for op in self.ops], np.uint64)
-        consts = np.zeros((len(self.ops), max(len(op.consts) for op in self.ops)), np.float64)
-        for j, op in enumerate(self.ops):
-            consts[j, :len(op.consts)] = op.consts
-
-        def augment(images, dst, batch_indices):
-            return augment_batch(kinds, images, dst, batch_indices, seeds, consts)
-
-        augment.with_indices = True  # ffcv passes the batch's image indices: our random keys
-        return _cached(augment)
 
 
 def check_crop(scale, ratio) -> None:
@@ -1007,129 +1214,6 @@ class TakeView(Operation):
             return take_view(images, dst, index)
 
         return _cached(take)
-
-
-# ----------------------------------------------------------------------------------------------
-# View recipes.
-# ----------------------------------------------------------------------------------------------
-@dataclass
-class ViewConfig:
-    """How one view is made from an image; the operations run in this order."""
-
-    resolution: int = 32
-    """Output side in pixels (the random crop is resized to resolution x resolution)."""
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    """Range of the crop's area as a fraction of the image (torchvision RandomResizedCrop)."""
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    """Range of the crop's aspect ratio, sampled log-uniformly."""
-    flip_p: float = 0.5
-    """Probability of a horizontal flip."""
-    jitter_p: float = 0.8
-    """Probability of applying colour jitter (then all four adjustments, in random order)."""
-    brightness: float = 0.4
-    """Brightness strength: factor ~ U[max(0, 1 - x), 1 + x]; 0 disables it."""
-    contrast: float = 0.4
-    """Contrast strength, as brightness."""
-    saturation: float = 0.2
-    """Saturation strength, as brightness."""
-    hue: float = 0.1
-    """Hue strength: shift ~ U[-x, x] of the colour wheel, x <= 0.5."""
-    grayscale_p: float = 0.2
-    """Probability of turning the view to grayscale."""
-    blur_p: float = 0.0
-    """Probability of a Gaussian blur."""
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
-    """Range of the blur's sigma in pixels."""
-    blur_kernel_size: int = 0
-    """Blur kernel side (odd); 0 picks about 10% of the resolution, as SimCLR and BYOL do."""
-    solarize_p: float = 0.0
-    """Probability of solarization."""
-    solarize_threshold: int = 128
-    """Pixels at or above this grey level (0-255) are inverted."""
-    noise_p: float = 0.0
-    """Probability of additive Gaussian noise."""
-    noise_std: float = 0.0
-    """Noise standard deviation in [0, 1] image units."""
-
-    def validate(self, prefix: str = "") -> None:
-        """One line naming the first bad setting (flags as a method file's: `--view1.hue`)."""
-        def pair_ok(v, low, high):
-            return low < v[0] <= v[1] <= high
-        rules = [
-            ("resolution", self.resolution, 1 <= self.resolution <= 4096, "an integer in 1..4096"),
-            ("crop-scale", self.crop_scale, pair_ok(self.crop_scale, 0, 1),
-             "two fractions 0 < min <= max <= 1"),
-            ("crop-ratio", self.crop_ratio, pair_ok(self.crop_ratio, 0, math.inf),
-             "two ratios 0 < min <= max"),
-            ("brightness", self.brightness, self.brightness >= 0, ">= 0"),
-            ("contrast", self.contrast, self.contrast >= 0, ">= 0"),
-            ("saturation", self.saturation, self.saturation >= 0, ">= 0"),
-            ("hue", self.hue, 0 <= self.hue <= 0.5, "in [0, 0.5]"),
-            ("blur-sigma", self.blur_sigma, pair_ok(self.blur_sigma, 0, math.inf),
-             "two values 0 < min <= max (pixels)"),
-            ("blur-kernel-size", self.blur_kernel_size,
-             self.blur_kernel_size == 0 or (self.blur_kernel_size > 0 and self.blur_kernel_size % 2),
-             "0 (automatic) or an odd integer >= 1"),
-            ("solarize-threshold", self.solarize_threshold, 0 <= self.solarize_threshold <= 255,
-             "a grey level in 0..255"),
-            ("noise-std", self.noise_std, self.noise_std >= 0, ">= 0 (in [0, 1] image units)"),
-        ] + [(name.replace("_", "-"), getattr(self, name), 0 <= getattr(self, name) <= 1,
-              "a probability in [0, 1]")
-             for name in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p", "noise_p")]
-        for name, value, allowed, what in rules:
-            numbers = value if isinstance(value, tuple) else (value,)
-            if len(numbers) != (2 if isinstance(value, tuple) else 1) or not all(
-                    math.isfinite(v) for v in numbers) or not allowed:
-                raise ValueError(f"{prefix}{name} {value}: must be {what}")
-
-    def kernel_size(self) -> int:
-        if self.blur_kernel_size:
-            return self.blur_kernel_size
-        return max(3, int(0.1 * self.resolution) // 2 * 2 + 1)
-
-    def augmentations(self, seed: int = 0) -> list[Operation]:
-        """The operations after the crop, each with its own seed, leaving out those that never
-        fire (less to compile)."""
-        ops: list[Operation] = []
-        if self.flip_p > 0:
-            ops.append(RandomHorizontalFlip(self.flip_p, seed=seed + 1))
-        if self.jitter_p > 0 and max(self.brightness, self.contrast, self.saturation, self.hue) > 0:
-            ops.append(RandomColorJitter(self.brightness, self.contrast, self.saturation, self.hue,
-                                         self.jitter_p, seed=seed + 2))
-        if self.grayscale_p > 0:
-            ops.append(RandomGrayscale(self.grayscale_p, seed=seed + 3))
-        if self.blur_p > 0:
-            ops.append(RandomGaussianBlur(self.kernel_size(), self.blur_sigma, self.blur_p,
-                                          seed=seed + 4))
-        if self.solarize_p > 0:
-            ops.append(RandomSolarization(self.solarize_threshold, self.solarize_p, seed=seed + 5))
-        if self.noise_p > 0 and self.noise_std > 0:
-            ops.append(GaussianNoise(self.noise_std, self.noise_p, seed=seed + 6))
-        return ops
-
-
-def simclr_views(resolution: int = 32) -> tuple[ViewConfig, ViewConfig]:
-    """SimCLR (Chen et al. 2020): two identically distributed views; colour strength 0.5 (jitter
-    0.4/0.4/0.4/0.1, p=0.8), grayscale 0.2. Its ImageNet recipe adds blur p=0.5; its CIFAR recipe
-    and this small-image default leave blur out."""
-    v = ViewConfig(resolution=resolution, saturation=0.4)
-    return v, replace(v)
-
-
-def byol_views(resolution: int = 32) -> tuple[ViewConfig, ViewConfig]:
-    """BYOL (Grill et al. 2020), also used by VICReg and Barlow Twins: jitter 0.4/0.4/0.2/0.1 p=0.8,
-    grayscale 0.2, and asymmetric blur (1.0 / 0.1) and solarization (0 / 0.2)."""
-    v = ViewConfig(resolution=resolution)
-    return replace(v, blur_p=1.0), replace(v, blur_p=0.1, solarize_p=0.2)
-
-
-def minimal_views(resolution: int = 32) -> tuple[ViewConfig, ViewConfig]:
-    """The paper's finding (Bordes et al. 2023, Sec. 4): random crop + grayscale go a long way."""
-    v = ViewConfig(resolution=resolution, flip_p=0.0, jitter_p=0.0, grayscale_p=0.2)
-    return v, replace(v)
-
-
-PRESETS = {"simclr": simclr_views, "byol": byol_views, "minimal": minimal_views}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1454,7 +1538,8 @@ def make_ssl_loader(beton: str | Sequence[str], views: Sequence[ViewConfig], bat
         v0 = views[0]
         shared = RandomResizedCrop((v0.resolution, v0.resolution), v0.crop_scale, v0.crop_ratio,
                                    seed=seed * 1000, partial_decode=partial_decode)
-    view_seeds = [seed * 1000 + 10 * (k + 1) for k in range(len(views))]  # each op: its stream
+    # View k's streams: its crop, then each operation at its seed_offset (SEEDS_PER_VIEW).
+    view_seeds = [seed * 1000 + SEEDS_PER_VIEW * (k + 1) for k in range(len(views))]
     together = None
     if shared is None and decode_once and len(views) > 1 and len(
             {v.resolution for v in views}) == 1:
@@ -1476,7 +1561,7 @@ def make_ssl_loader(beton: str | Sequence[str], views: Sequence[ViewConfig], bat
             pipelines[name] = PipelineSpec("image", decoder=crop, transforms=tail)
     negative_names = [f"negative_{m + 1}" for m in range(len(negatives))]
     for m, (name, view) in enumerate(zip(negative_names, negatives)):
-        view_seed = seed * 1000 + 10 * (len(views) + m + 1)
+        view_seed = seed * 1000 + SEEDS_PER_VIEW * (len(views) + m + 1)
         tail = _chain(view.augmentations(view_seed)) + _to_output(device, normalize, on_gpu)
         pipelines[name] = PipelineSpec("image", decoder=NegativePatchCrop(shared, view_seed),
                                        transforms=tail)
@@ -1511,9 +1596,838 @@ def make_eval_loader(beton: str, resolution: int, batch_size: int, num_workers: 
                      indices=indices, os_cache=os_cache)
 
 
-# ----------------------------------------------------------------------------------------------
-# Preview: python ffcv_ssl_common.py --beton data/fashion-mnist_train.beton --out views.png
-# ----------------------------------------------------------------------------------------------
+
+# ==============================================================================================
+# Part 4. Run infrastructure: what no method changes. Passive helpers that the method files'
+# training loops call: they own no control flow, call nothing back, never import a method file,
+# and read only the run settings (the rest of Args is saved and compared as a whole).
+# ==============================================================================================
+
+# ---- Settings every method file shares, and how settings are checked -------------------------
+NO_PREFIX = tyro.conf.OmitArgPrefixes
+"""Marks a group of a method's settings (`Annotated[Group, NO_PREFIX]`): `--help` lists them
+under the group's name, and their flags keep their plain names (`--out-dir`, not
+`--run.out-dir`)."""
+
+
+def check_settings(rules, prefix: str = "") -> None:
+    """rules: (flag, value, allowed?, what is allowed). The first one broken raises ValueError in
+    one line naming the flag (nan and inf are refused too: they pass some comparisons)."""
+    for flag, value, allowed, what in rules:
+        numbers = value if isinstance(value, tuple) else (value,)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in numbers) or not allowed:
+            raise ValueError(f"{prefix}{flag} {value}: must be {what}")
+
+
+def epoch_resolution(schedule: tuple[int, int, int] | None, resolution: int, epoch: int) -> int:
+    """The views' side in `epoch`: `resolution` without a schedule; else START, growing linearly
+    to END at epoch RAMP_EPOCHS, rounded down to a multiple of 8 (ffcv-imagenet: 32) but not
+    below START."""
+    if schedule is None:
+        return resolution
+    start, end, ramp = schedule
+    if epoch >= ramp:
+        return end
+    return max(start, (start + (end - start) * epoch // ramp) // 8 * 8)
+
+
+@dataclass
+class DataConfig:
+    """Which images: the training and validation files, a subset, the order, the resolution
+    schedule."""
+
+    train_beton: tuple[str, ...] = ("data/fashion-mnist_train.beton",)
+    """Training images: one .beton or several (e.g. STL-10's train and unlabeled files). Labels
+    are only used by the online probe; label -1 marks an unlabelled image."""
+    val_beton: str = "data/fashion-mnist_val.beton"
+    """Validation images (labelled), for the online probe."""
+    num_classes: int = 10
+    """Classes of the online linear probe (labels 0 .. num_classes - 1)."""
+    train_subset: int = 0
+    """Train on this many images drawn at random with --seed (0: all); for quick runs."""
+    order: Literal["random", "quasi_random"] = "random"
+    """Training order: a fresh permutation every epoch, or ffcv's quasi-random order (random
+    within a window of the file's pages: large reads, for data sets larger than RAM, with
+    --no-os-cache; not under torchrun in ffcv 1.0.2)."""
+    resolution_schedule: tuple[int, int, int] | None = None
+    """Progressive resolution (ffcv-imagenet, FFCV-SSL): START END RAMP_EPOCHS: the views are
+    START px in epoch 0, grow linearly to END px at epoch RAMP_EPOCHS (multiples of 8 in between)
+    and stay there; END replaces the views' resolution (evaluation, stem and export use it).
+    Early epochs cost less; a resumed run takes up its epoch's resolution again."""
+
+    def validate(self) -> None:
+        schedule = self.resolution_schedule
+        check_settings([
+            ("--num-classes", self.num_classes, self.num_classes >= 1, "an integer >= 1"),
+            ("--train-subset", self.train_subset, self.train_subset >= 0, ">= 0 (0: all images)"),
+            ("--resolution-schedule", schedule, schedule is None or (
+                8 <= schedule[0] <= schedule[1] <= 4096 and schedule[2] >= 1),
+             "START END RAMP_EPOCHS with 8 <= START <= END <= 4096 and RAMP_EPOCHS >= 1")])
+
+
+@dataclass
+class NumericsConfig:
+    """The seed and the arithmetic: they change the numbers, so a run resumes only with the same
+    values."""
+
+    seed: int = 0
+    """Seed of the weights' initialisation, the data order and every augmentation."""
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """bf16 or fp16 autocast, or plain fp32. auto: bf16 where the hardware computes in bf16 (CUDA
+    GPUs from Ampere on; CPUs with AVX512-BF16 or AMX, about 2x faster than fp32); fp16 on older
+    CUDA GPUs with tensor cores (V100, T4: compute capability 7.x), with a gradient scaler whose
+    state is saved in checkpoints; fp32 elsewhere: other CPUs emulate bf16, 12x slower than fp32
+    for a ResNet-18 step on an AVX2-only EPYC."""
+    tf32: bool = True
+    """On CUDA GPUs from Ampere on, fp32 matmuls and convolutions (all of an fp32 run, the loss of
+    a mixed one) in TF32, several times faster; --no-tf32 for full fp32."""
+    sync_bn: bool = True
+    """SyncBatchNorm under DDP on GPUs: BatchNorm statistics over the global batch, as in the
+    official code. torch has no CPU SyncBatchNorm: CPU processes normalise over their own share."""
+
+    def validate(self) -> None:
+        check_settings([("--seed", self.seed, 0 <= self.seed < 2**32, "an integer in [0, 2^32)")])
+
+
+@dataclass
+class RunConfig:
+    """Where the run writes, how it is carried out and reported: a run may resume with other
+    values of these."""
+
+    out_dir: str = "runs/run"
+    """Checkpoints, logs, exported backbone."""
+    resume: bool = True
+    """Continue from out_dir/checkpoint.pt if it exists; refused when a setting that changes the
+    result differs. --no-resume starts over: the checkpoint, log and exports in out_dir are
+    deleted."""
+    checkpoint_every_min: float = 10.0
+    """Minutes between checkpoints within an epoch (0: only at the end of each epoch). SIGTERM and
+    SIGUSR1 (sent by clusters before pre-emption) also save one, then stop the run."""
+    max_steps: int = 0
+    """Stop after this many steps in all (0: no limit), with a checkpoint; for smoke tests."""
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    """auto: CUDA when available."""
+    num_workers: int = 2
+    """Loader threads per process (the random views do not depend on it)."""
+    os_cache: bool = True
+    """Read the .beton files through the OS page cache (they should fit in RAM); --no-os-cache:
+    each process reads and caches what it needs itself."""
+    compile: bool = False
+    """torch.compile the model."""
+    tensorboard: bool = False
+    """Also log to TensorBoard (needs the tensorboard package)."""
+    wandb: bool = False
+    """Also log to Weights & Biases (needs the wandb package; WANDB_MODE=offline logs to disk
+    without an account or a network). The run's id is stable per --out-dir: resumes continue it."""
+
+    def validate(self) -> None:
+        out = self.out_dir
+        check_settings([
+            ("--out-dir", out, bool(out.strip()) and (os.path.isdir(out) or not os.path.exists(
+                out)), "a folder"),
+            ("--checkpoint-every-min", self.checkpoint_every_min, self.checkpoint_every_min >= 0,
+             ">= 0 (0: at the end of each epoch only)"),
+            ("--max-steps", self.max_steps, self.max_steps >= 0, ">= 0 (0: no limit)"),
+            ("--num-workers", self.num_workers, self.num_workers >= 1, "an integer >= 1")])
+        for wanted, package in ((self.tensorboard, "tensorboard"), (self.wandb, "wandb")):
+            if wanted and importlib.util.find_spec(package) is None:
+                raise ValueError(f"--{package} needs the {package} package: pip install {package}")
+
+
+RUN_ONLY = frozenset(f.name for f in dataclasses.fields(RunConfig))  # may change on resume
+
+
+def settings(args) -> dict:
+    """A method's Args as one dict, each group's settings at the top level, named as their flags
+    (`{"train_beton": ..., "view1": {...}, "out_dir": ...}`): printed, saved in args.json and in
+    checkpoints, compared on resume."""
+    hints = typing.get_type_hints(type(args), include_extras=True)
+    out = {}
+    for f in dataclasses.fields(args):
+        value = getattr(args, f.name)
+        value = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+        if NO_PREFIX in getattr(hints[f.name], "__metadata__", ()):
+            out.update(value)
+        else:
+            out[f.name] = value
+    return out
+
+
+def with_settings(args, **changes):
+    """A copy of a method's Args with settings changed by their flags' names, whichever group
+    holds them: `with_settings(simclr.Args(), batch_size=64, temperature=0.2)`."""
+    hints = typing.get_type_hints(type(args), include_extras=True)
+    top = {f.name for f in dataclasses.fields(args)}
+    for name, value in changes.items():
+        groups = [f.name for f in dataclasses.fields(args)
+                  if NO_PREFIX in getattr(hints[f.name], "__metadata__", ())
+                  and name in {g.name for g in dataclasses.fields(getattr(args, f.name))}]
+        if groups:
+            group = getattr(args, groups[0])
+            args = replace(args, **{groups[0]: replace(group, **{name: value})})
+        elif name in top:
+            args = replace(args, **{name: value})
+        else:
+            raise TypeError(f"{type(args).__module__}.Args has no setting {name!r}")
+    return args
+
+
+def flat_settings(tree: dict, prefix: str = "") -> dict:
+    """{"view1.resolution": 32, ...}, tuples as lists: saved and current settings compare."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flat_settings(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = json.loads(json.dumps(value))
+    return out
+
+
+# tyro 1.0.17 joins a docstring's lines before it removes their indentation, so it took every
+# continuation line of a field's docstring (indented in the source) for a new paragraph: --help
+# broke each one mid-sentence. Here the indentation goes first; then the lines of a paragraph
+# are joined, except indented ones (the commands in a file's docstring), which stay lines.
+def _join_lines(text: str) -> str:
+    paragraphs = []
+    for paragraph in re.split(r"\n\s*\n", tyro._strings.dedent(text).strip()):
+        lines = []
+        for line in paragraph.rstrip().splitlines():
+            if lines and not line[:1].isspace() and not lines[-1][:1].isspace():
+                lines[-1] += " " + line.strip()
+            else:
+                lines.append(line.rstrip())
+        paragraphs.append("\n".join(lines))
+    return "\n\n".join(paragraphs)
+
+
+tyro._strings.remove_single_line_breaks = _join_lines
+
+
+# ---- Backbones: torchvision's ResNets, any width, three stems ------------------------------
+RESNETS = [n for n in torchvision.models.list_models(module=torchvision.models)
+           if n.startswith(("resnet", "resnext", "wide_resnet"))]
+STEMS = {  # the first convolution (and whether the max-pool follows), as backbone.json has it
+    "small": {"conv1": {"kernel_size": 3, "stride": 1, "padding": 1}, "maxpool": False},
+    "small-stride2": {"conv1": {"kernel_size": 3, "stride": 2, "padding": 1}, "maxpool": False},
+    "imagenet": {"conv1": {"kernel_size": 7, "stride": 2, "padding": 3}, "maxpool": True},
+}
+
+
+class ScaledResNet(torchvision.models.ResNet):
+    """torchvision's ResNet `arch` (its blocks, depths and groups) with `width` channels in its
+    first stage instead of 64, doubled at each stage as there: width 32 has a quarter of the
+    parameters and multiply-adds of torchvision's (the CPU demo's encoder, ~4x faster steps)."""
+
+    def __init__(self, arch: str, width: int, zero_init_residual: bool):
+        ref = torchvision.models.get_model(arch, weights=None)
+        self.width = width
+        super().__init__(type(ref.layer1[0]), [len(ref.layer1), len(ref.layer2),
+                                               len(ref.layer3), len(ref.layer4)],
+                         zero_init_residual=zero_init_residual, groups=ref.groups,
+                         width_per_group=ref.base_width)
+        self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)  # torchvision's, `width` wide
+        nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
+        self.bn1 = nn.BatchNorm2d(width)
+        self.fc = nn.Linear(self.inplanes, 1000)
+
+    def _make_layer(self, block, planes, blocks, stride=1, dilate=False):
+        if planes == 64:  # the first stage takes the stem's `width` channels
+            self.inplanes = self.width
+        return super()._make_layer(block, planes * self.width // 64, blocks, stride, dilate)
+
+
+def make_backbone(arch: str, stem: str | dict, zero_init_residual: bool = True,
+                  width: int = 64) -> tuple[nn.Module, int]:
+    """A torchvision ResNet without its classifier (fc = Identity; ScaledResNet unless width is
+    torchvision's 64) and its feature width. `stem`: a name of STEMS, or backbone.json's
+    description of one (probe.py rebuilds an export from it)."""
+    if arch not in RESNETS:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(RESNETS)}")
+    spec = STEMS[stem] if isinstance(stem, str) else stem
+    if width == 64:
+        net = torchvision.models.get_model(arch, weights=None,
+                                           zero_init_residual=zero_init_residual)
+    else:
+        net = ScaledResNet(arch, width, zero_init_residual)
+    features = net.fc.in_features
+    net.fc = nn.Identity()
+    if spec["conv1"] != STEMS["imagenet"]["conv1"]:  # torchvision's conv1 (and its init) kept
+        net.conv1 = nn.Conv2d(3, net.conv1.out_channels, bias=False, **spec["conv1"])
+    if not spec["maxpool"]:
+        net.maxpool = nn.Identity()
+    return net, features
+
+
+def resolve_stem(stem: str, resolution: int) -> str:
+    """--stem auto: the small stem for views of 64 px or less, the ImageNet stem above."""
+    return ("small" if resolution <= 64 else "imagenet") if stem == "auto" else stem
+
+
+def stem_spec(net: nn.Module) -> dict:
+    """How the backbone's stem was built, for backbone.json: probe.py rebuilds it from this."""
+    c = net.conv1
+    return {"conv1": {"kernel_size": c.kernel_size[0], "stride": c.stride[0],
+                      "padding": c.padding[0]}, "maxpool": isinstance(net.maxpool, nn.MaxPool2d)}
+
+
+def backbone_rules(arch: str, width: int) -> list:
+    """check_settings rules of the backbone flags every method file has."""
+    return [("--arch", arch, arch in RESNETS, "one of " + ", ".join(RESNETS)),
+            ("--width", width, width >= 16 and width % 16 == 0,
+             "a multiple of 16 (torchvision's ResNets: 64)")]
+
+
+# ---- LARS --------------------------------------------------------------------------------------
+class LARS(torch.optim.Optimizer):
+    """LARS (You et al. 2017) as in SimCLR and Barlow Twins: for each weight tensor, the update
+    g + wd * w is rescaled by eta * ||w|| / ||g + wd * w||, then SGD momentum. Parameter groups
+    with `lars_exclude` (biases, BatchNorm) get neither weight decay nor the rescaling."""
+
+    def __init__(self, params, lr, weight_decay=0.0, momentum=0.9, eta=0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                      eta=eta, lars_exclude=False))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                update = p.grad
+                if not group["lars_exclude"]:
+                    update = update.add(p, alpha=group["weight_decay"])
+                    p_norm, u_norm = torch.norm(p), torch.norm(update)
+                    trust = torch.where((p_norm > 0) & (u_norm > 0),
+                                        group["eta"] * p_norm / u_norm, torch.ones_like(p_norm))
+                    update = update.mul(trust)
+                state = self.state[p]
+                if "mu" not in state:
+                    state["mu"] = torch.zeros_like(p)
+                mu = state["mu"].mul_(group["momentum"]).add_(update)
+                p.add_(mu, alpha=-group["lr"])
+
+
+# ---- Processes, devices and precision ---------------------------------------------------------
+PRECISION_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}
+
+
+def bf16_is_fast(device: torch.device) -> bool:
+    """Whether `device` computes in bf16 natively (see NumericsConfig.precision)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    try:
+        with open("/proc/cpuinfo") as f:  # Linux, as ffcv
+            flags = set(f.read().split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype --precision means on `device` (None: fp32, no autocast)."""
+    if precision == "auto":
+        if bf16_is_fast(device):
+            return torch.bfloat16
+        if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (7, 0):
+            return torch.float16  # tensor cores without bf16: V100, T4
+        return None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+
+
+@dataclass
+class Env:
+    """This process's place in the run (start_processes' answer)."""
+
+    device: torch.device
+    rank: int
+    world: int
+    local_batch: int  # this process's share of the global batch
+    amp_dtype: torch.dtype | None  # autocast's dtype; None: fp32
+    sync_bn: bool  # SyncBatchNorm (DDP on GPUs with --sync-bn)
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1 or dist.is_initialized()
+
+    @property
+    def main(self) -> bool:  # rank 0 writes the files and prints
+        return self.rank == 0
+
+
+def start_processes(run: RunConfig, numerics: NumericsConfig, batch_size: int) -> Env:
+    """Under torchrun (RANK and WORLD_SIZE set): one process per GPU with NCCL, or CPU processes
+    with gloo; otherwise one process. Seeds torch and resolves --precision, TF32, SyncBN."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        use_cuda = torch.cuda.is_available() and run.device != "cpu"
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda
+                              else "cpu")
+        if use_cuda:
+            torch.cuda.set_device(device)
+        rank, world = dist.get_rank(), dist.get_world_size()
+    else:
+        use_cuda = run.device == "cuda" or (run.device == "auto" and torch.cuda.is_available())
+        device, rank, world = torch.device("cuda" if use_cuda else "cpu"), 0, 1
+    local_batch = batch_size // world
+    if batch_size % world or local_batch < 2:
+        raise ValueError(f"--batch-size {batch_size} must split into {world} equal shares of at "
+                         f"least 2 images")
+    torch.manual_seed(numerics.seed)
+    if device.type == "cuda":  # no effect before Ampere
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = numerics.tf32
+    distributed = world > 1 or dist.is_initialized()
+    return Env(device, rank, world, local_batch, autocast_dtype(numerics.precision, device),
+               distributed and numerics.sync_bn and device.type == "cuda")
+
+
+def check_data(data: DataConfig, env: Env) -> None:
+    """The data settings against the files and the processes, before anything slow."""
+    if data.order == "quasi_random" and env.distributed:
+        raise ValueError("--order quasi_random is not available under torchrun (ffcv 1.0.2 has no "
+                         "distributed quasi-random order); use --order random")
+    if data.train_subset and data.train_subset // env.world < env.local_batch:
+        raise ValueError(f"--train-subset {data.train_subset} is smaller than one batch "
+                         f"({env.local_batch} images per process); raise it or lower --batch-size")
+    for path in data.train_beton:
+        check_labels(path, data.num_classes, unlabelled_ok=True)
+    check_labels(data.val_beton, data.num_classes, unlabelled_ok=False)
+
+
+def parallel(model: nn.Module, env: Env, compile: bool) -> nn.Module:
+    """What the training step calls: DDP under torchrun (gradients averaged over the processes),
+    torch.compile'd with --compile. The checkpoints keep `model` itself."""
+    net = model
+    if env.distributed:
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    return torch.compile(net) if compile else net
+
+
+def global_mean(values: torch.Tensor) -> torch.Tensor:
+    """The mean over DDP processes (the logged numbers are the whole batch's, not rank 0's)."""
+    if dist.is_initialized():
+        values = values.clone()
+        dist.all_reduce(values)
+        values /= dist.get_world_size()
+    return values
+
+
+def check_replicas(model: nn.Module, env: Env) -> int:
+    """Under DDP every process must hold the same weights: a desync is an error, not noise.
+    Returns how many processes agreed."""
+    if not env.distributed:
+        return 1
+    digest = hashlib.sha256()
+    for p in model.parameters():
+        digest.update(p.detach().cpu().numpy().tobytes())
+    digests = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, digest.hexdigest())
+    if len(set(digests)) > 1:
+        raise RuntimeError(f"DDP processes hold different weights: {digests}")
+    return len(digests)
+
+
+def finish(env: Env, clock: "Clock", step: int) -> None:
+    """The end of a run's processes. After a signal: says how to resume, and exits with status
+    128 + the signal's number (every process, whichever caught it)."""
+    if clock.signal and env.main:
+        print(f"caught signal {clock.signal} at step {step}: checkpoint saved in "
+              f"{clock.checkpoint}; run the same command to resume", flush=True)
+    if env.distributed:
+        dist.destroy_process_group()
+    if clock.signal:
+        raise SystemExit(128 + clock.signal)
+
+
+# ---- Checkpoints and exact resume ---------------------------------------------------------
+CHECKPOINT_KEYS = {"model", "optimizer", "probe_optimizer", "epoch", "batch", "step", "sums",
+                   "rng", "args", "log_bytes", "method", "elapsed", "scaler"}
+
+
+def save_atomic(obj, path: str) -> None:
+    """torch.save to a temporary name, then rename: a crash never leaves a half-written file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str, args, method: str) -> dict:
+    """The checkpoint, if it is one of `method`'s and from a run with the same settings (all but
+    RunConfig's); else one line saying why and what to do. map_location="cpu": the RNG state must
+    stay a CPU tensor, and load_state_dict moves everything else to the model's device."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated, corrupt, or a pickle that is not plain tensors
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise ValueError(f"{path} cannot be loaded as a checkpoint ({reason}); delete it, or "
+                         f"pass --no-resume to start over") from None
+    if not isinstance(ckpt, dict) or not CHECKPOINT_KEYS <= set(ckpt) or (
+            ckpt["method"] != method):
+        raise ValueError(f"{path} is not a checkpoint of {method}.py; delete it, use another "
+                         f"--out-dir, or pass --no-resume to start over")
+    saved, now = flat_settings(ckpt["args"]), flat_settings(settings(args))
+    changed = [k for k in now if k.split(".")[0] not in RUN_ONLY and saved.get(k) != now[k]]
+    if changed:
+        diffs = ", ".join(f"--{k.replace('_', '-')} {now[k]} (checkpoint: {saved.get(k)})"
+                          for k in changed)
+        raise ValueError(f"{path} is from a run with other settings: {diffs}; resume with the "
+                         f"checkpoint's settings, use another --out-dir, or pass --no-resume "
+                         f"to discard it")
+    return ckpt
+
+
+def save_provenance(args, method: str, resolved: dict) -> None:
+    """args.json (the settings, what they resolved to, the command, the git commit, versions) and
+    a copy of the code that ran, in out_dir/code/."""
+    here, out_dir = os.path.dirname(os.path.abspath(__file__)), args.run.out_dir
+    try:
+        commit = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True,
+                                text=True, timeout=10).stdout.strip() or None
+        dirty = bool(subprocess.run(["git", "-C", here, "status", "--porcelain", "--",
+                                     "*.py"], capture_output=True, text=True,
+                                    timeout=10).stdout.strip()) if commit else None
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = None, None
+    info = {**settings(args), "resolved": resolved, "command": sys.argv,
+            "git_commit": commit, "git_uncommitted_changes": dirty,
+            "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__}}
+    with open(os.path.join(out_dir, "args.json.tmp"), "w") as f:
+        json.dump(info, f, indent=1)
+    os.replace(os.path.join(out_dir, "args.json.tmp"), os.path.join(out_dir, "args.json"))
+    os.makedirs(os.path.join(out_dir, "code"), exist_ok=True)
+    for name in (f"{method}.py", os.path.basename(__file__)):
+        shutil.copyfile(os.path.join(here, name), os.path.join(out_dir, "code", name))
+
+
+def open_run(args, method: str, env: Env, resolved: dict) -> dict | None:
+    """Before anything slow: the checkpoint to resume from (None: a new run, whose out_dir loses
+    the previous run's checkpoint, log and exports), refused in one line if it is damaged or from
+    other settings. Then the main process prints the command and the settings and saves them."""
+    path = os.path.join(args.run.out_dir, "checkpoint.pt")
+    resuming = args.run.resume and os.path.exists(path)
+    ckpt = load_checkpoint(path, args, method) if resuming else None
+    resolved = {"device": str(env.device), "world": env.world,
+                "precision": PRECISION_NAMES[env.amp_dtype], **resolved, "sync_bn": env.sync_bn}
+    if env.main:
+        os.makedirs(args.run.out_dir, exist_ok=True)
+        for name in () if resuming else ("checkpoint.pt", "log.jsonl", "backbone.pt",
+                                         "backbone.json", "curves.png"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(args.run.out_dir, name))
+        print("python " + " ".join(sys.argv))
+        print(json.dumps({**settings(args), "resolved": resolved}, indent=1))
+        save_provenance(args, method, resolved)
+        if env.distributed and args.numerics.sync_bn and not env.sync_bn:
+            print("note: SyncBatchNorm needs GPUs (torch has no CPU kernel for it): each CPU "
+                  "process normalises over its own share of the batch")
+        if ckpt is not None:
+            print(f"resumed from {path} at epoch {ckpt['epoch']}, batch {ckpt['batch']} "
+                  f"(step {ckpt['step']})")
+    return ckpt
+
+
+def resume(ckpt: dict | None, states: dict) -> tuple[int, int, int]:
+    """Loads every state dict of `states` (name: module or optimiser) and the torch RNG from the
+    checkpoint; returns where training goes on: (epoch, batch of that epoch, step); (0, 0, 0)
+    for a new run."""
+    if ckpt is None:
+        return 0, 0, 0
+    for name, obj in states.items():
+        if ckpt[name]:  # a bf16 / fp32 run's (disabled) gradient scaler saves an empty state
+            obj.load_state_dict(ckpt[name])
+    torch.set_rng_state(ckpt["rng"].cpu())  # a CPU tensor whatever map_location said
+    return ckpt["epoch"], ckpt["batch"], ckpt["step"]
+
+
+def save_checkpoint(args, method: str, env: Env, states: dict, at: tuple[int, int, int],
+                    clock: "Clock", log: "Logbook") -> None:
+    """checkpoint.pt (main process): every state dict, where the run is (at: epoch, batches of it
+    done, step), the torch RNG, the clock's training time, the log's length and the epoch's loss
+    sums: what an uninterrupted run would have in memory at this point."""
+    if env.main:
+        epoch, batch, step = at
+        save_atomic({**{name: obj.state_dict() for name, obj in states.items()},
+                     "epoch": epoch, "batch": batch, "step": step, "sums": log.sums,
+                     "rng": torch.get_rng_state(), "args": settings(args), "method": method,
+                     "elapsed": clock.elapsed, "log_bytes": log.size()}, clock.checkpoint)
+    clock.saved()
+
+
+# ---- The clock: training time, the time budget, checkpoint intervals, signals ----------------
+def catch_preemption() -> dict:
+    """SIGTERM and SIGUSR1 (what SLURM and other schedulers send before they kill a job) only
+    set a flag: the training loop saves a checkpoint after the current step and stops."""
+    caught = {}
+    for signum in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(signum, lambda s, frame: caught.setdefault("signal", s))
+    return caught
+
+
+class Clock:
+    """Answers the training loop's questions after each step, the same in every process: is the
+    time budget spent, is a checkpoint due (--checkpoint-every-min), must the run stop (a
+    pre-emption signal caught by any process, or --max-steps reached)? It counts training time
+    only: from each epoch's first batch (the loader's start-up is left out) to its last step,
+    without evaluation and checkpoints."""
+
+    def __init__(self, budget_min: float, run: RunConfig, env: Env, ckpt: dict | None):
+        self.budget_s, self.every_s = 60 * budget_min, 60 * run.checkpoint_every_min
+        self.max_steps, self.device = run.max_steps, env.device
+        self.checkpoint = os.path.join(run.out_dir, "checkpoint.pt")
+        self.elapsed = ckpt["elapsed"] if ckpt else 0.0  # seconds of training so far
+        self.caught = catch_preemption()
+        self.saved_at, self.tick = time.time(), None
+        self.signal, self.stop = 0, False
+        self.spent = bool(self.budget_s) and self.elapsed >= self.budget_s
+
+    def progress(self, step_fraction: float) -> float:
+        """The fraction of the schedule done: of the time budget if there is one, else of the
+        steps (`step_fraction`)."""
+        return self.elapsed / self.budget_s if self.budget_s else step_fraction
+
+    def start_step(self) -> None:
+        if self.tick is None:  # the first step since the epoch began or a checkpoint
+            self.tick = time.time()
+
+    def end_step(self, step: int) -> bool:
+        """Adds the step's time; whether a checkpoint is due now (stop, or the interval)."""
+        self.signal, self.elapsed = self._agree(self.elapsed + time.time() - self.tick)
+        self.tick = time.time()
+        self.spent = bool(self.budget_s) and self.elapsed >= self.budget_s
+        self.stop = bool(self.max_steps and step >= self.max_steps) or bool(self.signal)
+        due = 0 < self.every_s <= time.time() - self.saved_at
+        return (self.stop or due) and not self.spent
+
+    def saved(self) -> None:
+        self.saved_at, self.tick = time.time(), None  # saving is not training time
+
+    def _agree(self, elapsed: float) -> tuple[int, float]:
+        """The signal any process caught (0: none) and the longest training time: under DDP
+        every process takes the same learning rate and stops at the same step."""
+        caught = float(self.caught.get("signal", 0))
+        if not dist.is_initialized():
+            return int(caught), elapsed
+        values = torch.tensor([caught, elapsed], dtype=torch.float64, device=self.device)
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)  # a small sync point, once per step
+        return int(values[0].item()), values[1].item()
+
+
+# ---- The logbook: console, log.jsonl, TensorBoard, wandb, curves ----------------------------
+class Logbook:
+    """What a run reports, from the main process: a progress bar; every 20 steps a loss record in
+    log.jsonl (and a check that the loss is finite); after each epoch one console line and one
+    log.jsonl record with every metric, also sent to TensorBoard and wandb; curves.png at the
+    end. It also keeps the epoch's loss sums (checkpointed: a resumed epoch's mean is exact)."""
+
+    def __init__(self, args, method: str, env: Env, ckpt: dict | None, epochs: int):
+        out_dir = args.run.out_dir
+        self.path, self.method, self.env, self.epochs = (os.path.join(out_dir, "log.jsonl"),
+                                                          method, env, epochs)
+        self.checkpoint = os.path.join(out_dir, "checkpoint.pt")
+        sums = ckpt["sums"] if ckpt else None
+        self.sums = None if sums is None else sums.to(env.device)  # loaded onto the CPU
+        self.writer = self.wandb = None
+        if not env.main:
+            return
+        if ckpt:
+            with open(self.path, "a") as f:  # forget what was logged after the checkpoint
+                f.truncate(ckpt["log_bytes"])
+        if args.run.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(out_dir)
+        if args.run.wandb:
+            import wandb
+
+            run_id = hashlib.sha256(os.path.abspath(out_dir).encode()).hexdigest()[:16]
+            self.wandb = wandb.init(project="jessl", name=f"{method} {out_dir}", id=run_id,
+                                    dir=out_dir, config=settings(args), resume="allow")
+
+    def epoch(self, loader, epoch: int, batch: int, steps_per_epoch: int):
+        """The epoch's batches (from `batch` on) behind a progress bar."""
+        self.start, self.first_batch = time.time(), batch
+        if batch == 0:
+            self.sums = None
+        self.bar = tqdm(loader, desc=f"epoch {epoch}", total=steps_per_epoch, initial=batch,
+                        disable=not self.env.main, leave=False)
+        return self.bar
+
+    def step(self, step: int, loss: torch.Tensor, terms: dict, lr: float) -> None:
+        values = torch.stack([loss.detach(), *[t.detach() for t in terms.values()]]).float()
+        self.sums = values if self.sums is None else self.sums + values
+        self.terms = list(terms)
+        if step % 20 == 0:
+            value = global_mean(loss.detach()).item()  # a CPU-GPU sync point: every 20 steps
+            if not math.isfinite(value):
+                raise FloatingPointError(
+                    f"loss is {value} at step {step}; lower --base-lr (the last good checkpoint, "
+                    f"if any, is kept in {self.checkpoint})")
+            self.bar.set_postfix(loss=f"{value:.3f}", lr=f"{lr:.3g}")
+            self.write({"step": step, "loss": value, "lr": lr})
+
+    def end_epoch(self, epoch: int, batch: int) -> dict:
+        """The epoch's mean loss and terms over every process, and its speed."""
+        means = (global_mean(self.sums) / batch).tolist()  # loss, then each term
+        if not math.isfinite(means[0]):
+            raise FloatingPointError(f"loss is {means[0]} in epoch {epoch}; lower --base-lr "
+                                     f"(the last good checkpoint is kept in {self.checkpoint})")
+        seen = (batch - self.first_batch) * self.env.local_batch * self.env.world
+        return {"loss": means[0], **dict(zip(self.terms, means[1:])),
+                "images_per_s": seen / (time.time() - self.start)}
+
+    def record(self, result: dict) -> dict:
+        """One epoch's metrics: the console line, log.jsonl, TensorBoard, wandb."""
+        if self.env.main:
+            r = result
+            print(f"epoch {r['epoch']:g}/{self.epochs} | loss {r['loss']:.4f} | lr {r['lr']:.4g} "
+                  f"| {r['images_per_s']:.0f} img/s | online probe {100 * r['probe_acc']:.2f}% | "
+                  f"k-NN {100 * r['knn_acc']:.2f}% | RankMe {r['rankme']:.1f} | "
+                  f"{r['train_min']:.1f} min", flush=True)
+            self.write(result)
+            if self.writer:
+                for key, value in result.items():
+                    self.writer.add_scalar(key, value, result["step"])
+            if self.wandb:
+                self.wandb.log(result, step=result["step"])
+        return result
+
+    def write(self, record: dict) -> None:
+        if self.env.main:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def size(self) -> int:
+        return os.path.getsize(self.path) if os.path.exists(self.path) else 0
+
+    def close(self) -> None:
+        """curves.png from log.jsonl; TensorBoard and wandb closed."""
+        if not self.env.main:
+            return
+        if os.path.exists(self.path):
+            plot_curves(self.path, os.path.join(os.path.dirname(self.path), "curves.png"),
+                        self.method)
+        if self.writer:
+            self.writer.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
+def plot_curves(log_path: str, png_path: str, method: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in open(log_path)]
+    steps = [r for r in rows if "probe_acc" not in r]
+    epochs = [r for r in rows if "probe_acc" in r]
+    fig, axes = plt.subplots(1, 4, figsize=(18, 3.5))
+    axes[0].plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=1)
+    axes[0].plot([r["step"] for r in epochs], [r["loss"] for r in epochs], "o", label="epoch")
+    axes[0].set(xlabel="step", ylabel=f"{method} loss")
+    x = [r["epoch"] for r in epochs]
+    axes[1].plot(x, [100 * r["probe_acc"] for r in epochs], marker="o", label="linear probe")
+    axes[1].plot(x, [100 * r["knn_acc"] for r in epochs], marker="s", label="k-NN (k=20)")
+    axes[1].set(xlabel="epoch", ylabel="online val top-1 (%)")
+    axes[1].legend()
+    axes[2].plot(x, [r["rankme"] for r in epochs], marker="o")
+    axes[2].set(xlabel="epoch", ylabel="RankMe of the features")
+    axes[3].plot([r["step"] for r in steps], [r["lr"] for r in steps], lw=1)
+    axes[3].set(xlabel="step", ylabel="learning rate")
+    fig.tight_layout()
+    fig.savefig(png_path + ".tmp.png", dpi=100)
+    os.replace(png_path + ".tmp.png", png_path)
+    plt.close(fig)
+
+
+# ---- Online monitors: the probe, k-NN and RankMe on the validation set ------------------------
+MONITOR_IMAGES = 10_000  # validation images for the k-NN and RankMe monitors
+
+
+def probe_loss_of(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The online probe's loss: cross-entropy over the labelled images of the batch (label -1:
+    unlabelled, skipped); 0 when there are none. No data-dependent branch: no CPU-GPU sync."""
+    total = F.cross_entropy(logits, y, ignore_index=-1, reduction="sum")
+    return total / (y >= 0).sum().clamp(min=1)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, env: Env) -> dict:
+    """The epoch's monitors on the validation set, from `model.backbone` and `model.probe`: the
+    online linear probe's top-1 (every image, every process's share), and on the features of the
+    first MONITOR_IMAGES images (gathered from every process): k-NN top-1 and RankMe."""
+    model.eval()
+    device, amp_dtype = env.device, env.amp_dtype
+    correct = torch.zeros(2, device=device)  # (correct, seen)
+    feats, labels, kept = [], [], 0
+    for x, y in loader:
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            h = model.backbone(x)
+            logits = model.probe(h)
+        correct += torch.stack([(logits.argmax(1) == y).sum(), torch.tensor(len(y), device=device)])
+        if kept < MONITOR_IMAGES:
+            feats.append(h.float()[:MONITOR_IMAGES - kept])
+            labels.append(y[:MONITOR_IMAGES - kept].clone())  # ffcv reuses its buffers
+            kept += len(feats[-1])
+    feats, labels = torch.cat(feats), torch.cat(labels)
+    if dist.is_initialized():
+        dist.all_reduce(correct)
+        shares = [None] * dist.get_world_size()
+        dist.all_gather_object(shares, (feats.cpu(), labels.cpu()))
+        feats = torch.cat([f for f, _ in shares])[:MONITOR_IMAGES].to(device)
+        labels = torch.cat([y for _, y in shares])[:MONITOR_IMAGES].to(device)
+    model.train()
+    return {"probe_acc": (correct[0] / correct[1]).item(),
+            "knn_acc": knn_leave_one_out(feats, labels), "rankme": rankme(feats)}
+
+
+def knn_leave_one_out(feats: torch.Tensor, labels: torch.Tensor, k: int = 20,
+                      temperature: float = 0.07) -> float:
+    """Top-1 of weighted k-NN (Wu et al. 2018, as solo-learn and lightly monitor): each image is
+    classified by the votes exp(cosine / T) of its k nearest other images of the set."""
+    feats = F.normalize(feats, dim=1)
+    k = min(k, len(feats) - 1)
+    classes = int(labels.max()) + 1
+    correct = 0
+    for start in range(0, len(feats), 1024):
+        sim = feats[start:start + 1024] @ feats.T  # (chunk, N)
+        rows = torch.arange(len(sim), device=feats.device)
+        sim[rows, rows + start] = -float("inf")  # not its own neighbour
+        top, idx = sim.topk(k, dim=1)
+        votes = torch.zeros(len(sim), classes, device=feats.device)
+        votes.scatter_add_(1, labels[idx], (top / temperature).exp())
+        correct += (votes.argmax(1) == labels[start:start + 1024]).sum().item()
+    return correct / len(feats)
+
+
+def rankme(feats: torch.Tensor, eps: float = 1e-7) -> float:
+    """RankMe (Garrido, Balestriero, Najman, LeCun, ICML 2023, eq. 1): exp of the entropy of the
+    normalised singular values of the (N, d) feature matrix, an effective rank between 1 and
+    min(N, d) that needs no labels: it tracks downstream accuracy and falls on collapse."""
+    s = torch.linalg.svdvals(feats.double())
+    p = s / s.sum() + eps
+    return math.exp(-(p * p.log()).sum().item())
+
+
+# ---- Export -------------------------------------------------------------------------------
+def export_backbone(backbone: nn.Module, out_dir: str, arch: str, width: int, resolution: int,
+                    method: str, env: Env) -> None:
+    """backbone.pt: the backbone alone, which torchvision's model (ScaledResNet for a width other
+    than 64) with fc = Identity() and the stem that backbone.json describes takes with
+    load_state_dict(strict=True); probe.py rebuilds it from backbone.json."""
+    if not env.main:
+        return
+    save_atomic(backbone.state_dict(), os.path.join(out_dir, "backbone.pt"))
+    path = os.path.join(out_dir, "backbone.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump({"arch": arch, "width": width, "stem": stem_spec(backbone),
+                   "resolution": resolution, "method": method}, f)
+    os.replace(path + ".tmp", path)
+
+
+# ==============================================================================================
+# Part 5. Preview: python ffcv_ssl_common.py --beton data/fashion-mnist_train.beton --out views.png
+# ==============================================================================================
 @dataclass
 class PreviewArgs:
     beton: str

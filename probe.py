@@ -17,7 +17,6 @@ head is then fit on all the training images and the validation (test) split is s
 
 import hashlib
 import json
-import math
 import os
 import sys
 import time
@@ -27,11 +26,11 @@ from typing import Literal
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 import tyro
 
-from ffcv_ssl_common import (ViewConfig, check_labels, make_eval_loader, make_ssl_loader,
-                             subset_indices)
+from ffcv_ssl_common import (PRECISION_NAMES, RESNETS, STEMS, ViewConfig, autocast_dtype,
+                             check_labels, check_settings, make_backbone, make_eval_loader,
+                             make_ssl_loader, subset_indices)
 
 
 @dataclass
@@ -50,8 +49,9 @@ class Args:
     width: int = 0
     """Channels of the first stage (the method files' --width); 0: from backbone.json, else
     torchvision's 64."""
-    stem: Literal["from-json", "small", "imagenet"] = "from-json"
-    """small: 3x3 stride-1 conv without max-pool; default: from backbone.json."""
+    stem: Literal["from-json", "small", "small-stride2", "imagenet"] = "from-json"
+    """The stem, as the method files' --stem (small: 3x3 stride-1 conv without max-pool);
+    default: from backbone.json."""
     resolution: int = 0
     """Input side in pixels; 0: the training resolution from backbone.json (else 32)."""
     random_init: bool = False
@@ -96,7 +96,7 @@ class Args:
 
 def validate(args: Args) -> None:
     """One line naming the flag and what it takes, before anything slow."""
-    rules = [
+    check_settings([
         ("--num-classes", args.num_classes, args.num_classes >= 1, "an integer >= 1"),
         ("--width", args.width, args.width == 0 or (args.width >= 16 and args.width % 16 == 0),
          "0 (from backbone.json) or a multiple of 16 (torchvision's ResNets: 64)"),
@@ -117,47 +117,12 @@ def validate(args: Args) -> None:
         ("--train-subset", args.train_subset, args.train_subset >= 0, ">= 0 (0: all images)"),
         ("--num-workers", args.num_workers, args.num_workers >= 1, "an integer >= 1"),
         ("--seed", args.seed, 0 <= args.seed < 2**32, "an integer in [0, 2^32)"),
-        ("--out", args.out, not os.path.isdir(args.out), "a file name, not a folder"),
-    ]
-    for flag, value, allowed, what in rules:
-        numbers = value if isinstance(value, tuple) else (value,)
-        if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
-            allowed = False
-        if not allowed:
-            raise ValueError(f"{flag} {value}: must be {what}")
+        ("--out", args.out, not os.path.isdir(args.out), "a file name, not a folder")])
     grid = len(args.lr) * len(args.weight_decay) > 1 or len(args.knn_k) > 1
     if args.holdout == 0 and grid:
         raise ValueError(f"--holdout 0 with several values to choose from (--lr {args.lr}, "
                          f"--weight-decay {args.weight_decay}, --knn-k {args.knn_k}): give one "
                          f"value each, or a holdout fraction such as 0.1")
-
-
-class ScaledResNet(torchvision.models.ResNet):
-    """torchvision's ResNet `arch` (its blocks, depths and groups) with `width` channels in its
-    first stage instead of 64, doubled at each stage as there: width 32 has a quarter of the
-    parameters and multiply-adds of torchvision's (the CPU demo's encoder, ~4x faster steps)."""
-
-    def __init__(self, arch: str, width: int, zero_init_residual: bool):
-        ref = torchvision.models.get_model(arch, weights=None)
-        self.width = width
-        super().__init__(type(ref.layer1[0]), [len(ref.layer1), len(ref.layer2),
-                                               len(ref.layer3), len(ref.layer4)],
-                         zero_init_residual=zero_init_residual, groups=ref.groups,
-                         width_per_group=ref.base_width)
-        self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)  # torchvision's, `width` wide
-        nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
-        self.bn1 = nn.BatchNorm2d(width)
-        self.fc = nn.Linear(self.inplanes, 1000)
-
-    def _make_layer(self, block, planes, blocks, stride=1, dilate=False):
-        if planes == 64:  # the first stage takes the stem's `width` channels
-            self.inplanes = self.width
-        return super()._make_layer(block, planes * self.width // 64, blocks, stride, dilate)
-
-
-# The CIFAR-style stem (3x3 conv, stride 1, no max-pool), for a plain state dict without
-# backbone.json; a method file's backbone.json describes its stem itself.
-SMALL_STEM = {"conv1": {"kernel_size": 3, "stride": 1, "padding": 1}, "maxpool": False}
 
 
 def build_backbone(args: Args) -> tuple[nn.Module, dict]:
@@ -173,26 +138,18 @@ def build_backbone(args: Args) -> tuple[nn.Module, dict]:
     arch = args.arch or meta.get("arch")
     if arch is None:
         raise ValueError(f"no {meta_path}: give --arch (and --stem) for a plain state dict")
-    if args.stem == "from-json":
-        stem = meta.get("stem") or (SMALL_STEM if meta.get("small_stem") else None)
+    if args.stem == "from-json":  # (an older backbone.json said "small_stem": true or false)
+        stem = meta.get("stem") or STEMS["small" if meta.get("small_stem") else "imagenet"]
     else:
-        stem = SMALL_STEM if args.stem == "small" else None
-    names = [n for n in torchvision.models.list_models(module=torchvision.models)
-             if n.startswith(("resnet", "resnext", "wide_resnet"))]
-    if arch not in names:
-        raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(names)}")
+        stem = STEMS[args.stem]
+    if arch not in RESNETS:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(RESNETS)}")
     width = args.width or meta.get("width", 64)
     if not isinstance(width, int) or width < 16 or width % 16:
         raise ValueError(f"{meta_path}: width {width!r} is not a multiple of 16; fix it or give "
                          f"--width")
-    torch.manual_seed(args.seed)
-    net = (torchvision.models.get_model(arch, weights=None) if width == 64 else
-           ScaledResNet(arch, width, zero_init_residual=False))
-    net.fc = nn.Identity()
-    if stem and stem.get("conv1"):
-        net.conv1 = nn.Conv2d(3, net.conv1.out_channels, bias=False, **stem["conv1"])
-    if stem and not stem.get("maxpool", True):
-        net.maxpool = nn.Identity()
+    torch.manual_seed(args.seed)  # the random init (--random-init): torchvision's
+    net, _ = make_backbone(arch, stem, zero_init_residual=False, width=width)
     small = net.conv1.stride == (1, 1)
     if not args.random_init:
         if not os.path.isfile(args.backbone):
@@ -307,33 +264,6 @@ def knn(train_x, train_y, val_x, val_y, k, temperature, num_classes) -> dict:
     return topk(torch.cat(scores), val_y)
 
 
-def bf16_is_fast(device: torch.device) -> bool:
-    """Whether `device` computes in bf16 natively (as in the method files): on other CPUs bf16 is
-    emulated, 12x slower than fp32 for a ResNet-18 on an AVX2-only EPYC."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    try:
-        with open("/proc/cpuinfo") as f:  # Linux, as ffcv
-            flags = set(f.read().split())
-    except OSError:
-        return False
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
-
-
-PRECISION_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype --precision means on `device` (None: fp32, no autocast)."""
-    if precision == "auto":
-        if bf16_is_fast(device):
-            return torch.bfloat16
-        if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (7, 0):
-            return torch.float16  # tensor cores without bf16: V100, T4
-        return None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
-
-
 def main(args: Args) -> dict:
     validate(args)
     check_labels(args.train_beton, args.num_classes, unlabelled_ok=True)
@@ -444,6 +374,6 @@ def main(args: Args) -> dict:
 
 if __name__ == "__main__":
     try:
-        main(tyro.cli(Args))
+        main(tyro.cli(Args, description=__doc__))
     except (FileNotFoundError, ValueError) as err:
         sys.exit(f"error: {err}")

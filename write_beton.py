@@ -25,6 +25,8 @@ from ffcv.fields import IntField, RGBImageField
 from ffcv.writer import DatasetWriter
 from PIL import Image
 
+from ffcv_ssl_common import check_settings
+
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
 
@@ -244,7 +246,7 @@ def write_split(dataset, path: str, args: Args, error_log: str) -> None:
 
 def validate(args: Args) -> None:
     """One line naming the flag and what it takes, before anything is read or written."""
-    rules = [
+    rules = [  # (flag, value, allowed?, what is allowed): ffcv_ssl_common.check_settings
         ("--jpeg-quality", args.jpeg_quality, 1 <= args.jpeg_quality <= 100, "in 1..100"),
         ("--compress-probability", args.compress_probability,
          0.0 <= args.compress_probability <= 1.0, "a probability in [0, 1]"),
@@ -258,9 +260,10 @@ def validate(args: Args) -> None:
                                                       args.name), "a file name prefix without /"),
         ("--out-dir", args.out_dir, args.out_dir.strip() != "", "a folder"),
     ]
-    for flag, value, allowed, what in rules:
-        if not allowed:
-            raise SystemExit(f"error: {flag} {value}: must be {what}")
+    try:
+        check_settings(rules)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
 
 
 def main(args: Args) -> list[str]:
@@ -289,6 +292,6 @@ def main(args: Args) -> list[str]:
 
 if __name__ == "__main__":
     try:
-        main(tyro.cli(Args))
+        main(tyro.cli(Args, description=__doc__))
     except KeyboardInterrupt:
         sys.exit("interrupted: no partial .beton was left behind")

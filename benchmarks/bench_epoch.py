@@ -123,11 +123,11 @@ def main(args: Args) -> dict:
     if args.num_images < 3 * args.batch_size or args.resolution < 8:
         raise SystemExit("error: --num-images must hold at least three batches and "
                          "--resolution must be >= 8 px")
-    if args.arch not in simclr.RESNETS:
-        raise SystemExit(f"error: --arch {args.arch!r}: use one of {', '.join(simclr.RESNETS)}")
+    if args.arch not in C.RESNETS:
+        raise SystemExit(f"error: --arch {args.arch!r}: use one of {', '.join(C.RESNETS)}")
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if use_cuda else "cpu")
-    amp_dtype = simclr.autocast_dtype(args.precision, device)
+    amp_dtype = C.autocast_dtype(args.precision, device)
     if use_cuda:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
@@ -145,11 +145,12 @@ def main(args: Args) -> dict:
 
     views = bench_loader.recipe_views(args.recipe, args.resolution)
     torch.manual_seed(0)
-    config = simclr.Args(arch=args.arch, view1=views[0], view2=replace(views[1]),
-                         batch_size=args.batch_size, num_classes=6)
-    model = simclr.SimCLR(config, simclr.resolve_stem("auto", args.resolution))
+    config = C.with_settings(simclr.Args(), arch=args.arch, view1=views[0],
+                             view2=replace(views[1]), batch_size=args.batch_size, num_classes=6)
+    model = simclr.SimCLR(config, C.resolve_stem("auto", args.resolution))
     model = model.to(device, memory_format=torch.channels_last)
-    optimizer = simclr.make_optimizer(config, model, config.base_lr * args.batch_size / 256)
+    optimizer = simclr.make_optimizer(config.optim, model,
+                                      config.optim.base_lr * args.batch_size / 256)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     step = training_step(model, optimizer, scaler, amp_dtype)
     ours = C.make_ssl_loader(beton, views, batch_size=args.batch_size, num_workers=workers,
@@ -170,7 +171,7 @@ def main(args: Args) -> dict:
                "torch": torch.__version__,
                "command": "python benchmarks/bench_epoch.py " + " ".join(sys.argv[1:]),
                "settings": {**vars(args), "num_workers": workers,
-                            "precision": simclr.PRECISION_NAMES[amp_dtype]},
+                            "precision": C.PRECISION_NAMES[amp_dtype]},
                "rows": rows, "speedup": speedup}
     table = markdown(results)
     print("\n" + table)
@@ -191,4 +192,4 @@ def markdown(results: dict) -> str:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(tyro.cli(Args, description=__doc__))

@@ -171,6 +171,19 @@ def straight(betons, tmp_path_factory):
     return get
 
 
+def args_from_settings(module, saved: dict):
+    """module.Args from saved settings (a checkpoint's "args", args.json): lists back to tuples,
+    the views' dicts back to ViewConfig."""
+    import ffcv_ssl_common as C
+
+    def value(v):
+        if isinstance(v, dict):
+            return C.ViewConfig(**{f: value(x) for f, x in v.items()})
+        return tuple(v) if isinstance(v, list) else v
+
+    return C.with_settings(module.Args(), **{k: value(v) for k, v in saved.items()})
+
+
 def load_exported_resnet18(path):
     """A method's backbone.pt into torchvision's resnet18 with fc = Identity() and the stem that
     backbone.json beside it describes, strictly: what a user of the export does."""

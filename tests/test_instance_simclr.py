@@ -9,7 +9,7 @@ import torch
 
 import ffcv_ssl_common as C
 from conftest import run_ddp
-from instance_simclr import Args, instance_nt_xent_loss, patch_view
+from instance_simclr import Patches, instance_nt_xent_loss, patch_view
 from simclr import nt_xent_loss
 
 
@@ -100,10 +100,10 @@ def test_in_batch_ddp_equals_single_process():
 def test_recipes():
     """noise: no augmentation in the loader (the noise is added on the device, below); simclr:
     SimCLR's flip, jitter, grayscale. Both crop with the patch settings."""
-    noise = patch_view(Args(noise_std=0.2, patch_scale=(0.1, 0.3), resolution=28))
+    noise = patch_view(Patches(noise_std=0.2, patch_scale=(0.1, 0.3), resolution=28))
     assert noise.augmentations() == [] and noise.noise_p == 0
     assert (noise.crop_scale, noise.resolution) == ((0.1, 0.3), 28)
-    full = patch_view(Args(recipe="simclr", patch_scale=(0.1, 0.3)))
+    full = patch_view(Patches(recipe="simclr", patch_scale=(0.1, 0.3)))
     assert [type(op) for op in full.augmentations()] == [
         C.RandomHorizontalFlip, C.RandomColorJitter, C.RandomGrayscale]
     assert full.crop_scale == (0.1, 0.3) and full.saturation == C.simclr_views()[0].saturation
@@ -115,7 +115,8 @@ def test_noise_is_zero_mean_unclipped_and_reproducible():
     loader's uint8 noise, clipped at 0, brightened black by ~10 grey levels on average)."""
     import instance_simclr as m
 
-    model = m.InstanceSimCLR(Args(noise_std=0.1, projector_dims=(16, 8)), "small")
+    model = m.InstanceSimCLR(C.with_settings(m.Args(), noise_std=0.1, projector_dims=(16, 8)),
+                             "small")
     black = ((0 - torch.tensor(C.IMAGENET_MEAN)) / torch.tensor(C.IMAGENET_STD)).float()
     x = black.view(1, 3, 1, 1).expand(64, 3, 32, 32).contiguous()
     noisy = model.add_noise(x)

@@ -47,7 +47,11 @@ def concurrent_saves(cache_class, path):
 def test_numbas_own_cache_file_mixes_up_versions_saved_at_once(tmp_path):
     """What _SharedCacheFile fixes, seen by the same harness (so the next test can fail): numba
     0.68's file gives some keys another version's data (20-30% of those found, measured)."""
-    wrong = [concurrent_saves(IndexDataCacheFile, str(tmp_path / str(t)))[1] for t in range(3)]
+    wrong = []
+    for t in range(10):  # a race: it showed in most tries, not in every one (3 in a row: none)
+        wrong.append(concurrent_saves(IndexDataCacheFile, str(tmp_path / str(t)))[1])
+        if wrong[-1]:
+            break
     assert sum(wrong) > 0, wrong
 
 

@@ -1,9 +1,9 @@
 """Interrupted runs, as on a pre-emptible cluster: kill -9 at random moments mid-epoch and the
 same command again ends with the uninterrupted run's weights bit for bit; SIGTERM saves and stops;
 a resume with other settings, a corrupt checkpoint or a pickle that would run code is refused in
-one line before anything slow. The resume machinery is the same code in every method file
-(tests/test_style.py checks that), so simclr.py stands for all four here; test_e2e.py resumes
-each file once."""
+one line before anything slow. The resume machinery is ffcv_ssl_common.py's, called the same
+way by every method file (tests/test_style.py checks that), so simclr.py stands for all four here;
+test_e2e.py resumes instance SimCLR's loop, test_run_helpers.py the helpers in-process."""
 
 import json
 import os
@@ -16,7 +16,7 @@ import time
 import pytest
 import torch
 
-from conftest import METHODS, ROOT, TINY, run_method, same_weights
+from conftest import METHODS, ROOT, TINY, args_from_settings, run_method, same_weights
 
 
 def start(betons, out_dir, *extra):
@@ -81,8 +81,10 @@ def test_other_settings_are_refused_and_no_resume_starts_a_fresh_log(betons, str
     import simclr
     from dataclasses import replace
 
+    from ffcv_ssl_common import load_checkpoint, with_settings
+
     args = simclr_args(torch.load(tmp_path / "checkpoint.pt", weights_only=True)["args"])
-    simclr.load_checkpoint(str(tmp_path / "checkpoint.pt"), args)  # the same settings: fine
+    load_checkpoint(str(tmp_path / "checkpoint.pt"), args, "simclr")  # the same settings: fine
     for changed, says in ((dict(temperature=0.5), "--temperature 0.5 (checkpoint: 0.15)"),
                           (dict(epochs=3), "--epochs 3 (checkpoint: 2)"),
                           (dict(view1=replace(args.view1, hue=0.2)),
@@ -90,10 +92,12 @@ def test_other_settings_are_refused_and_no_resume_starts_a_fresh_log(betons, str
                           (dict(projector_dims=(64, 64)), "--projector-dims [64, 64] (checkpoint: "
                                                           "[64, 32])")):
         with pytest.raises(ValueError, match="is from a run with other settings") as err:
-            simclr.load_checkpoint(str(tmp_path / "checkpoint.pt"), replace(args, **changed))
+            load_checkpoint(str(tmp_path / "checkpoint.pt"), with_settings(args, **changed),
+                            "simclr")
         assert says in str(err.value) and "--no-resume" in str(err.value)
     for run_only in (dict(num_workers=4), dict(max_steps=3), dict(device="cuda")):
-        simclr.load_checkpoint(str(tmp_path / "checkpoint.pt"), replace(args, **run_only))
+        load_checkpoint(str(tmp_path / "checkpoint.pt"), with_settings(args, **run_only),
+                        "simclr")
     # The command line: one line, exit 1, the old run untouched.
     run = run_method("simclr.py", betons, tmp_path, "--temperature", "0.5", check=False)
     assert run.returncode == 1 and "--temperature 0.5 (checkpoint: 0.15)" in run.stderr
@@ -121,17 +125,13 @@ def simclr_args(saved: dict):
     """simclr.Args from a checkpoint's saved arguments."""
     import simclr
 
-    views = {k: simclr.ViewConfig(**{f: tuple(v) if isinstance(v, list) else v
-                                     for f, v in saved[k].items()}) for k in ("view1", "view2")}
-    plain = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()
-             if k not in views}
-    return simclr.Args(**plain, **views)
+    return args_from_settings(simclr, saved)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "code", "not_a_checkpoint",
                                     "other_method"])
 def test_damaged_checkpoints_are_refused_in_one_line(straight, tmp_path, damage):
-    import simclr
+    from ffcv_ssl_common import load_checkpoint
 
     path = tmp_path / "checkpoint.pt"
     good = (straight("simclr.py") / "checkpoint.pt").read_bytes()
@@ -150,7 +150,7 @@ def test_damaged_checkpoints_are_refused_in_one_line(straight, tmp_path, damage)
     args = simclr_args(torch.load(straight("simclr.py") / "checkpoint.pt",
                                   weights_only=True)["args"])
     with pytest.raises(ValueError) as err:
-        simclr.load_checkpoint(str(path), args)
+        load_checkpoint(str(path), args, "simclr")
     message = str(err.value)
     assert "\n" not in message and str(path) in message and "--no-resume" in message
     assert not marker.exists()  # the pickle's code never ran
@@ -170,7 +170,7 @@ def test_damaged_checkpoint_on_the_command_line(betons, straight, tmp_path):
 def test_checkpoint_loads_on_the_cpu_whatever_the_device(straight, monkeypatch):
     """A GPU run resumed with map_location=<the GPU> gave torch.set_rng_state a CUDA tensor (a
     TypeError). load_checkpoint always maps to the CPU; load_state_dict moves the weights."""
-    import simclr
+    from ffcv_ssl_common import load_checkpoint
 
     seen = []
     real_load = torch.load
@@ -183,7 +183,7 @@ def test_checkpoint_loads_on_the_cpu_whatever_the_device(straight, monkeypatch):
     path = straight("simclr.py") / "checkpoint.pt"
     args = simclr_args(real_load(path, weights_only=True)["args"])
     seen.clear()
-    ckpt = simclr.load_checkpoint(str(path), args)
+    ckpt = load_checkpoint(str(path), args, "simclr")
     assert seen == ["cpu"]
     assert ckpt["rng"].device.type == "cpu" and ckpt["rng"].dtype == torch.uint8
     torch.set_rng_state(ckpt["rng"])  # what resuming does

@@ -1,17 +1,16 @@
 """simclr.py's pure functions against references written differently (the paper's per-anchor
-loss, a hand-computed LARS step), the DDP loss with 2 CPU processes, and probe.py's k-NN."""
+loss, the schedule's values), the DDP loss with 2 CPU processes, and probe.py's k-NN."""
 
 import math
 
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-import torchvision
 
 import simclr
 from conftest import run_ddp
-from simclr import LARS, learning_rate, nt_xent_loss
+from ffcv_ssl_common import with_settings
+from simclr import learning_rate, nt_xent_loss
 
 
 def naive_nt_xent(z1, z2, tau):
@@ -57,7 +56,7 @@ def test_loss_is_fp32_under_bf16_autocast(module, loss_of):
     import importlib
 
     m = importlib.import_module(module)
-    args = m.Args(arch="resnet18", projector_dims=(64, 32))
+    args = with_settings(m.Args(), arch="resnet18", projector_dims=(64, 32))
     torch.manual_seed(0)
     model = m.__dict__[{"simclr": "SimCLR", "barlowtwins": "BarlowTwins", "vicreg": "VICReg",
                         "instance_simclr": "InstanceSimCLR"}[module]](args, "small")
@@ -75,72 +74,6 @@ def test_loss_is_fp32_under_bf16_autocast(module, loss_of):
         outputs = outputs[0].chunk({"simclr": 2, "instance_simclr": 3}[module])
     expected = loss_of(m, [out.float() for out in outputs])
     torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
-
-
-# /proc/cpuinfo flags of three real CPUs: an AVX2-only EPYC (Zen 3, this project's build machine,
-# where bf16 autocast ran 12x slower than fp32), a Zen 4 EPYC and a Sapphire Rapids Xeon.
-ZEN3 = "fpu sse sse2 avx f16c fma avx2 bmi2 sha_ni vaes vpclmulqdq rdpid fsrm"
-ZEN4 = ZEN3 + " avx512f avx512dq avx512bw avx512vl avx512_bf16 avx512vnni"
-SPR = "fpu sse2 avx2 avx512f avx512bw avx512_fp16 amx_bf16 amx_tile amx_int8"
-
-
-@pytest.mark.parametrize("module", ["simclr", "barlowtwins", "vicreg", "instance_simclr", "probe"])
-def test_bf16_only_where_the_hardware_computes_it(module, monkeypatch):
-    """--precision auto picks bf16 on CPUs with AVX512-BF16 or AMX and on CUDA GPUs with bf16
-    units, fp32 elsewhere; the same rule in every file."""
-    import builtins
-    import importlib
-    import io
-
-    m = importlib.import_module(module)
-    cpu = torch.device("cpu")
-    # On this machine, the same answer as torch's own CPU feature detection (cpuinfo library).
-    assert m.bf16_is_fast(cpu) == (torch.cpu._is_avx512_bf16_supported()
-                                   or torch.cpu._is_amx_tile_supported())
-    real_open = builtins.open
-
-    def fake_cpuinfo(flags):
-        def fake_open(path, *a, **k):
-            if path != "/proc/cpuinfo":
-                return real_open(path, *a, **k)
-            if flags is None:
-                raise FileNotFoundError(path)  # not Linux
-            return io.StringIO(f"processor\t: 0\nflags\t\t: {flags}\n")
-        monkeypatch.setattr(builtins, "open", fake_open)
-
-    for flags, expected in ((ZEN3, False), (ZEN4, True), (SPR, True), (None, False),
-                            (ZEN3 + " avx512_bf16_like", False)):
-        fake_cpuinfo(flags)
-        assert m.bf16_is_fast(cpu) is expected, flags
-    asked = []
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
-                        lambda including_emulation=True: asked.append(including_emulation) or 0)
-    assert not m.bf16_is_fast(torch.device("cuda"))
-    assert asked == [False]  # emulated bf16 (pre-Ampere GPUs) does not count
-
-
-@pytest.mark.parametrize("module", ["simclr", "barlowtwins", "vicreg", "instance_simclr", "probe"])
-def test_precision_auto_picks_bf16_then_fp16_on_tensor_cores_then_fp32(module, monkeypatch):
-    """--precision: bf16 / fp16 / fp32 as asked; auto: bf16 where it is fast, else fp16 on CUDA
-    GPUs with tensor cores (compute capability 7.x: V100, T4), else fp32 (older GPUs, CPUs
-    without bf16 units)."""
-    import importlib
-
-    m = importlib.import_module(module)
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    for device in (cpu, cuda):
-        assert m.autocast_dtype("bf16", device) is torch.bfloat16
-        assert m.autocast_dtype("fp16", device) is torch.float16
-        assert m.autocast_dtype("fp32", device) is None
-    for fast in (True, False):
-        monkeypatch.setattr(m, "bf16_is_fast", lambda device, fast=fast: fast)
-        assert m.autocast_dtype("auto", cpu) is (torch.bfloat16 if fast else None)
-    for capability, expected in (((8, 0), torch.bfloat16), ((7, 5), torch.float16),
-                                 ((7, 0), torch.float16), ((6, 1), None)):
-        monkeypatch.setattr(m, "bf16_is_fast", lambda device, c=capability: c >= (8, 0))
-        monkeypatch.setattr(torch.cuda, "get_device_capability",
-                            lambda device=None, c=capability: c)
-        assert m.autocast_dtype("auto", cuda) is expected, capability
 
 
 def test_nt_xent_gradient():
@@ -163,29 +96,6 @@ def test_nt_xent_under_ddp_equals_single_process():
     torch.testing.assert_close(torch.cat([r[2] for r in ranks]) / world, grad2_full)
 
 
-def test_lars_step_by_hand():
-    torch.manual_seed(0)
-    model = nn.Linear(3, 2)
-    w0, b0 = model.weight.detach().clone(), model.bias.detach().clone()
-    lr, wd, m, eta = 0.5, 0.1, 0.9, 0.01
-    opt = LARS(simclr.param_groups(model), lr, weight_decay=wd, momentum=m, eta=eta)
-    grads = [(torch.randn(2, 3), torch.randn(2)) for _ in range(2)]
-    w, b = w0.clone(), b0.clone()
-    mu_w, mu_b = torch.zeros_like(w), torch.zeros_like(b)
-    for gw, gb in grads:
-        model.weight.grad, model.bias.grad = gw.clone(), gb.clone()
-        opt.step()
-        # by hand: weights get decay + trust ratio; the bias neither
-        u = gw + wd * w
-        u = u * (eta * w.norm() / u.norm())
-        mu_w = m * mu_w + u
-        w = w - lr * mu_w
-        mu_b = m * mu_b + gb
-        b = b - lr * mu_b
-        torch.testing.assert_close(model.weight.detach(), w)
-        torch.testing.assert_close(model.bias.detach(), b)
-
-
 def test_param_groups_exclude_biases_and_batchnorm():
     model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
     weights, others = simclr.param_groups(model)
@@ -205,53 +115,6 @@ def test_schedule_values():
     assert learning_rate(0.3, 0.0, peak) == pytest.approx(cosine)
     values = [learning_rate(s / 1000, warm, peak) for s in range(100, 1001)]
     assert all(a >= b for a, b in zip(values, values[1:]))  # cosine decays monotonically
-
-
-def test_backbones():
-    net, width = simclr.make_backbone("resnet18", "small")
-    assert width == 512 and net.conv1.stride == (1, 1) and isinstance(net.maxpool, nn.Identity)
-    assert net(torch.randn(2, 3, 16, 16)).shape == (2, 512)
-    net2, _ = simclr.make_backbone("resnet18", "small-stride2")
-    assert net2.conv1.stride == (2, 2) and net2.conv1.kernel_size == (3, 3)
-    assert isinstance(net2.maxpool, nn.Identity)
-    net50, width50 = simclr.make_backbone("resnet50", "imagenet")
-    assert width50 == 2048 and net50.conv1.stride == (2, 2)
-    assert isinstance(net50.maxpool, nn.MaxPool2d)
-    with pytest.raises(ValueError, match="unknown architecture 'vit_b_16'"):
-        simclr.make_backbone("vit_b_16", "small")
-    assert simclr.resolve_stem("auto", 64) == "small" and simclr.resolve_stem("auto", 96) == (
-        "imagenet") and simclr.resolve_stem("small-stride2", 224) == "small-stride2"
-
-
-@pytest.mark.parametrize("arch", ["resnet18", "resnet50", "resnext50_32x4d", "wide_resnet50_2"])
-def test_scaled_resnet_is_torchvisions_with_every_width_scaled(arch):
-    """ScaledResNet at width 64 has torchvision's tensors, name for name and shape for shape; at
-    width 32 every channel count is halved (the RGB input and kernel sizes kept)."""
-    ref = torchvision.models.get_model(arch, weights=None).state_dict()
-    assert {k: v.shape for k, v in simclr.ScaledResNet(arch, 64, True).state_dict().items()} == {
-        k: v.shape for k, v in ref.items()}
-    half = {k: v.shape for k, v in simclr.ScaledResNet(arch, 32, True).state_dict().items()}
-    for name, tensor in ref.items():
-        if name.startswith("fc."):  # the classifier: 1000 classes from half the features
-            expected = (1000, tensor.shape[-1] // 2)[:tensor.dim()]
-        else:
-            expected = tuple(d if d == 3 or i >= 2 else d // 2 for i, d in enumerate(tensor.shape))
-        assert tuple(half[name]) == expected, name
-    net, features = simclr.make_backbone(arch, "small-stride2", False, 32)
-    assert features == ref["fc.weight"].shape[1] // 2
-    assert net(torch.randn(2, 3, 28, 28)).shape == (2, features)
-    with pytest.raises(ValueError, match="--width 40: must be a multiple of 16"):
-        simclr.validate(simclr.Args(width=40))
-
-
-def test_residual_blocks_start_as_the_identity():
-    """zero_init_residual, as the official SimCLR, Barlow Twins and VICReg code: each block's
-    last BatchNorm scale is 0, so a block without a downsampling shortcut returns relu(x)."""
-    net, _ = simclr.make_backbone("resnet18", "small")
-    for block in (net.layer1[0], net.layer1[1], net.layer2[1], net.layer4[1]):
-        assert torch.count_nonzero(block.bn2.weight) == 0
-    x = torch.randn(2, 64, 8, 8).relu()
-    assert torch.equal(net.layer1[0].eval()(x), x)
 
 
 def test_projector_last_bias():
@@ -290,38 +153,3 @@ def test_knn_against_a_loop():
     assert got["top1"] == pytest.approx(correct1 / 30)
     assert got["top5"] == pytest.approx(correct5 / 30)
 
-
-def test_rankme_against_its_formula():
-    """RankMe (Garrido et al. 2023, eq. 1) computed naively with numpy; k equal singular values
-    give k; a collapsed embedding (every row the same) gives 1."""
-    import numpy as np
-
-    gen = torch.Generator().manual_seed(0)
-    feats = torch.randn(300, 40, generator=gen) @ torch.randn(40, 40, generator=gen)
-    s = np.linalg.svd(feats.numpy().astype(np.float64), compute_uv=False)
-    p = s / s.sum() + 1e-7
-    assert simclr.rankme(feats) == pytest.approx(float(np.exp(-(p * np.log(p)).sum())), rel=1e-9)
-    q, _ = torch.linalg.qr(torch.randn(300, 7, generator=gen, dtype=torch.float64))
-    assert simclr.rankme(q.float() * 3) == pytest.approx(7, rel=1e-4)
-    assert simclr.rankme(torch.ones(50, 16) * torch.randn(1, 16, generator=gen)) == pytest.approx(
-        1, rel=1e-3)
-
-
-def test_knn_leave_one_out_against_a_loop():
-    """Each point voted by its k nearest other points, weights exp(cos / T), in a plain loop."""
-    gen = torch.Generator().manual_seed(1)
-    labels = torch.randint(0, 4, (2500,), generator=gen)  # three of its 1024-row chunks
-    feats = torch.randn(2500, 8, generator=gen) + 1.5 * F.one_hot(labels, 8).float()
-    k, t = 5, 0.1
-    unit = F.normalize(feats, dim=1)
-    correct = 0
-    for i in range(len(feats)):
-        sims = (unit @ unit[i]).tolist()  # cosine similarity to every point
-        others = sorted((j for j in range(len(feats)) if j != i), key=lambda j: -sims[j])
-        votes = [0.0] * 4
-        for j in others[:k]:
-            votes[int(labels[j])] += math.exp(sims[j] / t)
-        correct += votes.index(max(votes)) == int(labels[i])
-    got = simclr.knn_leave_one_out(feats, labels, k=k, temperature=t)
-    assert got == pytest.approx(correct / len(feats), abs=1 / len(feats))  # a tie at most
-    assert 0.5 < got < 1  # separable enough to beat chance (0.25), noisy enough to err

@@ -11,6 +11,7 @@ from dataclasses import replace
 import pytest
 
 from conftest import ROOT
+from ffcv_ssl_common import with_settings
 
 METHOD_FILES = ["simclr", "barlowtwins", "vicreg", "instance_simclr"]
 
@@ -60,17 +61,17 @@ def cases():
 @pytest.mark.parametrize("name,field,value,flag", list(cases()))
 def test_each_rule_names_its_flag(name, field, value, flag, betons):
     m = importlib.import_module(name)
-    good = m.Args(train_beton=(betons["train"],), val_beton=betons["val"])
+    good = with_settings(m.Args(), train_beton=(betons["train"],), val_beton=betons["val"])
     m.validate(good)  # the defaults pass
     with pytest.raises(ValueError, match="^" + flag.replace("-", r"\-") + " .*: must be "):
-        m.validate(replace(good, **{field: value}))
+        m.validate(with_settings(good, **{field: value}))
 
 
 @pytest.mark.parametrize("field,value,flag", VIEW)
 def test_view_settings(field, value, flag, betons):
     import simclr
 
-    good = simclr.Args(train_beton=(betons["train"],), val_beton=betons["val"])
+    good = with_settings(simclr.Args(), train_beton=(betons["train"],), val_beton=betons["val"])
     bad = replace(good, view2=replace(good.view2, **{field: value}))
     with pytest.raises(ValueError, match=f"^--view2.{flag} "):
         simclr.validate(bad)
@@ -144,8 +145,8 @@ def test_labels_out_of_range(betons, unlabelled_beton):
 def test_out_dir_that_is_a_file(betons):
     import simclr
 
-    args = simclr.Args(train_beton=(betons["train"],), val_beton=betons["val"],
-                       out_dir=betons["train"])
+    args = with_settings(simclr.Args(), train_beton=(betons["train"],), val_beton=betons["val"],
+                         out_dir=betons["train"])
     with pytest.raises(ValueError, match="^--out-dir .*: must be a folder"):
         simclr.validate(args)
 
@@ -160,8 +161,8 @@ def test_missing_beton_is_named_before_anything_slow(which, betons, tmp_path):
     missing = str(tmp_path / "missing.beton")
     paths = {"train": betons["train"], "val": betons["val"], which: missing}
     with pytest.raises(FileNotFoundError, match="missing.beton: no such .beton file"):
-        simclr.main(simclr.Args(train_beton=(paths["train"],), val_beton=paths["val"],
-                                out_dir=str(tmp_path / "run")))
+        simclr.main(with_settings(simclr.Args(), train_beton=(paths["train"],),
+                                  val_beton=paths["val"], out_dir=str(tmp_path / "run")))
     assert not (tmp_path / "run").exists()  # nothing written
     with pytest.raises(FileNotFoundError, match="missing.beton: no such .beton file"):
         probe.main(probe.Args(train_beton=paths["train"], val_beton=paths["val"],

@@ -52,6 +52,7 @@ for name in ("ffcv", "ffcv.fields", "ffcv.fields.basics", "ffcv.fields.rgb_image
         _stub_module(name)
 
 import barlowtwins  # noqa: E402
+import ffcv_ssl_common as C  # noqa: E402
 import instance_simclr  # noqa: E402
 import simclr  # noqa: E402
 import vicreg  # noqa: E402
@@ -79,7 +80,7 @@ def model_of(module, stem="small", **kw):
     cls = {"simclr": "SimCLR", "barlowtwins": "BarlowTwins", "vicreg": "VICReg",
            "instance_simclr": "InstanceSimCLR"}[module.METHOD]
     torch.manual_seed(0)
-    args = module.Args(projector_dims=(256, 128), **kw)
+    args = C.with_settings(module.Args(), projector_dims=(256, 128), **kw)
     return getattr(module, cls)(args, stem), args
 
 
@@ -97,8 +98,8 @@ def main():
     cuda, cpu = torch.device("cpu" if dry else "cuda"), torch.device("cpu")
     print("dry run on the CPU" if dry else torch.cuda.get_device_name(), "torch",
           torch.__version__, flush=True)
-    check("bf16_is_fast(cuda)", dry or simclr.bf16_is_fast(cuda))
-    check("--precision auto on this GPU: bf16", dry or simclr.autocast_dtype("auto", cuda)
+    check("bf16_is_fast(cuda)", dry or C.bf16_is_fast(cuda))
+    check("--precision auto on this GPU: bf16", dry or C.autocast_dtype("auto", cuda)
           is torch.bfloat16)
     for module in (simclr, barlowtwins, vicreg, instance_simclr):
         name = module.METHOD
@@ -126,7 +127,7 @@ def main():
         # bf16 autocast: the network in bf16, the loss in fp32, a few optimiser steps lower it.
         model, args = model_of(module)
         model = model.to(cuda, memory_format=torch.channels_last)
-        opt = module.make_optimizer(module.Args(optimizer="lars"), nn_list(module, model), 0.3)
+        opt = module.make_optimizer(module.Optim(optimizer="lars"), nn_list(module, model), 0.3)
         losses = []
         fixed = batch(cuda, n=128, seed=1)
         for _ in range(8):
@@ -141,26 +142,26 @@ def main():
         # Monitors on CUDA tensors: k-NN and RankMe as on the CPU.
         loader = [(xs[0].to(cuda, memory_format=torch.channels_last), xs[2].to(cuda))
                   for xs in (batch(cpu, n=100, seed=s) for s in range(3))]
-        mon = module.evaluate(model, loader, cuda, torch.bfloat16)
+        mon = C.evaluate(model, loader, C.Env(cuda, 0, 1, 64, torch.bfloat16, False))
         feats = torch.cat([model.eval().backbone(x).float() for x, _ in loader]).detach()
         model.train()
         labels = torch.cat([y for _, y in loader])
-        knn_cpu = module.knn_leave_one_out(feats.cpu(), labels.cpu())
+        knn_cpu = C.knn_leave_one_out(feats.cpu(), labels.cpu())
         check(f"{name}: evaluate() on cuda",
               0 <= mon["probe_acc"] <= 1 and 1 <= mon["rankme"] <= 300, f"{mon}")
-        check(f"{name}: k-NN on cuda == on cpu", abs(module.knn_leave_one_out(feats, labels)
+        check(f"{name}: k-NN on cuda == on cpu", abs(C.knn_leave_one_out(feats, labels)
                                                     - knn_cpu) <= 2 / 300)
         # Checkpoint: saved from CUDA, loaded with map_location="cpu" (weights_only), back on CUDA.
         with tempfile.TemporaryDirectory() as d:
             path = os.path.join(d, "checkpoint.pt")
-            module.save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(),
+            C.save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(),
                                 "rng": torch.get_rng_state()},
                                path)
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
             again, _ = model_of(module)
             again = again.to(cuda, memory_format=torch.channels_last)
             again.load_state_dict(ckpt["model"])
-            opt2 = module.make_optimizer(module.Args(optimizer="lars"), nn_list(module, again), 0.3)
+            opt2 = module.make_optimizer(module.Optim(optimizer="lars"), nn_list(module, again), 0.3)
             opt2.load_state_dict(ckpt["optimizer"])
             torch.set_rng_state(ckpt["rng"].cpu())
             same = all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
@@ -173,7 +174,7 @@ def main():
     for module in (simclr, barlowtwins):
         model, _ = model_of(module)
         model = model.to(cuda, memory_format=torch.channels_last)
-        opt = module.make_optimizer(module.Args(optimizer="lars"), nn_list(module, model), 0.3)
+        opt = module.make_optimizer(module.Optim(optimizer="lars"), nn_list(module, model), 0.3)
         scaler = torch.amp.GradScaler(cuda.type)
         # (the CPU emulates fp16 convolutions' backward, ~1 s per image: a small dry-run batch)
         fixed, losses = batch(cuda, n=8 if dry else 128, seed=1), []
@@ -185,7 +186,7 @@ def main():
             scaler.update()
             losses.append(loss.item())
         with tempfile.TemporaryDirectory() as d:
-            module.save_atomic({"scaler": scaler.state_dict()}, os.path.join(d, "c.pt"))
+            C.save_atomic({"scaler": scaler.state_dict()}, os.path.join(d, "c.pt"))
             again = torch.amp.GradScaler(cuda.type)
             again.load_state_dict(torch.load(os.path.join(d, "c.pt"), weights_only=True)["scaler"])
         check(f"{module.METHOD}: fp16 autocast + GradScaler, LARS: finite, lower, scaler saved",
@@ -234,7 +235,7 @@ def main():
         scaler = torch.amp.GradScaler(cuda.type, enabled=dtype is torch.float16)
         model, args = model_of(simclr, stem=stem)
         model = model.to(cuda, memory_format=torch.channels_last)
-        opt = simclr.make_optimizer(simclr.Args(optimizer="lars"), nn_list(simclr, model), 0.3)
+        opt = simclr.make_optimizer(simclr.Optim(optimizer="lars"), nn_list(simclr, model), 0.3)
         xs = batch(cuda, n=n)
         for i in range(7 if dry else 25):
             if i == 5:
