@@ -135,6 +135,14 @@ METHODS = {"simclr.py": VIEWS_16, "barlowtwins.py": VIEWS_16, "vicreg.py": VIEWS
            "instance_simclr.py": ["--resolution", "16", "--num-negatives", "2"]}
 
 
+def method_args(script, betons, out_dir, *args, tiny=True):
+    """A method file's arguments for the test data: the TINY budget unless `tiny` is False."""
+    budget = [*TINY, *METHODS[script]] if tiny else []
+    train = betons["train"] if isinstance(betons["train"], list) else [betons["train"]]
+    return ["--train-beton", *train, "--val-beton", betons["val"], "--out-dir", str(out_dir),
+            *budget, *args]
+
+
 def run_method(script, betons, out_dir, *args, torchrun=False, check=True, tiny=True):
     """`python <script>` (or torchrun with 2 CPU processes) on the test .beton files, with the
     TINY budget unless `tiny` is False; with `check`, a non-zero exit or anything alarming on
@@ -143,16 +151,41 @@ def run_method(script, betons, out_dir, *args, torchrun=False, check=True, tiny=
 
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                 "--nproc-per-node", "2"] if torchrun else [sys.executable]
-    budget = [*TINY, *METHODS[script]] if tiny else []
-    train = betons["train"] if isinstance(betons["train"], list) else [betons["train"]]
-    cmd = [*launcher, script, "--train-beton", *train, "--val-beton", betons["val"],
-           "--out-dir", str(out_dir), *budget, *args]
+    cmd = [*launcher, script, *method_args(script, betons, out_dir, *args, tiny=tiny)]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     if check:
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         for alarm in ("Traceback", "Exception ignored"):
             assert alarm not in done.stderr, done.stderr[-3000:]
     return done
+
+
+def run_in_process(script, *args):
+    """`python <script> <args>` in this process (runpy, as __main__): (exit status, stdout,
+    stderr). For what a command line answers before anything slow (bad input: one line, a
+    non-zero exit), without the ~5 s a new interpreter takes to import torch and ffcv."""
+    import contextlib
+    import io
+    import runpy
+
+    out, err, status = io.StringIO(), io.StringIO(), 0
+    argv, cwd = sys.argv, os.getcwd()
+    sys.argv = [script, *map(str, args)]
+    try:
+        os.chdir(ROOT)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
+    except SystemExit as exit_:
+        code = exit_.code
+        if isinstance(code, str):  # sys.exit("error: ..."): printed to stderr, status 1
+            err.write(code + "\n")
+            status = 1
+        else:
+            status = code or 0
+    finally:
+        sys.argv = argv
+        os.chdir(cwd)
+    return status, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,8 @@ import time
 import pytest
 import torch
 
-from conftest import METHODS, ROOT, TINY, args_from_settings, run_method, same_weights
+from conftest import (METHODS, ROOT, TINY, args_from_settings, method_args, run_in_process,
+                      run_method, same_weights)
 
 
 def start(betons, out_dir, *extra):
@@ -99,9 +100,10 @@ def test_other_settings_are_refused_and_no_resume_starts_a_fresh_log(betons, str
         load_checkpoint(str(tmp_path / "checkpoint.pt"), with_settings(args, **run_only),
                         "simclr")
     # The command line: one line, exit 1, the old run untouched.
-    run = run_method("simclr.py", betons, tmp_path, "--temperature", "0.5", check=False)
-    assert run.returncode == 1 and "--temperature 0.5 (checkpoint: 0.15)" in run.stderr
-    assert len(run.stderr.strip().splitlines()) == 1 and "Traceback" not in run.stderr
+    status, _, stderr = run_in_process("simclr.py", *method_args("simclr.py", betons, tmp_path,
+                                                                 "--temperature", "0.5"))
+    assert status == 1 and "--temperature 0.5 (checkpoint: 0.15)" in stderr
+    assert len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr
     # Settings that do not change the result may differ (here: loader threads).
     same = run_method("simclr.py", betons, tmp_path, "--num-workers", "2")
     assert "resumed from" in same.stdout and "epoch 2, batch 0" in same.stdout
@@ -191,6 +193,7 @@ def test_checkpoint_loads_on_the_cpu_whatever_the_device(straight, monkeypatch):
 
 
 def test_train_subset_smaller_than_a_batch(betons, tmp_path):
-    run = run_method("simclr.py", betons, tmp_path, "--train-subset", "10", check=False)
-    assert run.returncode == 1 and "--train-subset 10 is smaller than one batch" in run.stderr
-    assert "Traceback" not in run.stderr
+    status, _, stderr = run_in_process("simclr.py", *method_args("simclr.py", betons, tmp_path,
+                                                                 "--train-subset", "10"))
+    assert status == 1 and "--train-subset 10 is smaller than one batch" in stderr
+    assert "Traceback" not in stderr

@@ -143,10 +143,11 @@ def test_offline_torchvision_source_fails_clearly(tmp_path):
 
 
 def test_cli_unknown_dataset():
-    run = subprocess.run([sys.executable, "write_beton.py", "--dataset", "mnist3d"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
-    assert run.returncode != 0
-    assert "mnist3d" in run.stderr and "fashion-mnist" in run.stderr
+    from conftest import run_in_process
+
+    status, _, stderr = run_in_process("write_beton.py", "--dataset", "mnist3d")
+    assert status != 0
+    assert "mnist3d" in stderr and "fashion-mnist" in stderr
 
 
 def test_photos_are_real():
