@@ -1037,7 +1037,11 @@ def check_crop(scale, ratio) -> None:
 class RandomResizedCrop(RandomResizedCropRGBImageDecoder):
     """ffcv's RandomResizedCropRGBImageDecoder (decode, crop and resize in one pass), with the
     crop boxes drawn from our counter-based generator so that they can be reproduced, and the
-    crop resampled as torchvision's RandomResizedCrop does (resize_crop_antialias)."""
+    crop resampled as torchvision's RandomResizedCrop does by default (resize_crop_antialias:
+    bilinear with antialiasing). The official SimCLR, Barlow Twins and VICReg code resizes crops
+    bicubically (PIL's BICUBIC); bilinear here, as torchvision's default and FFCV's. JPEGs are
+    decoded by libjpeg-turbo with TJFLAG_FASTDCT (ffcv's C++ imdecode): about one grey level
+    from PIL's decode of the same file (tests/test_loader.py)."""
 
     def __init__(self, output_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), seed=0,
                  partial_decode=True):
@@ -1142,8 +1146,12 @@ class NegativePatchCrop(RandomResizedCrop):
 class MultiViewCrop(RandomResizedCrop):
     """Several views' crops from one decode of each image, as torchvision's two transforms of one
     PIL image: (B, V, R, R, 3). View v's box is the one RandomResizedCrop(seed=seeds[v]) would
-    draw, so the views are the same as with one decoder per view, at half the decoding for two
-    views. TakeView(v) starts view v's pipeline."""
+    draw, at half the decoding for two views. With partial_decode=False the views are those of
+    one decoder per view, bit for bit. With partial decoding (the default) a JPEG's decode scale
+    and region follow all the boxes at once, so a view can be resampled from another scale than
+    its own decoder would have used: 0.02-0.23 grey levels apart on average, 1.2 for the worst
+    image (32-64 px views of 180-512 px photos, tests/test_loader.py). TakeView(v) starts view
+    v's pipeline."""
 
     def __init__(self, resolution: int, scales, ratios, seeds, partial_decode=True):
         super().__init__((resolution, resolution), scales[0], ratios[0], seeds[0], partial_decode)
@@ -1268,6 +1276,10 @@ class SSLLoader(Loader):
     """Batches to leave out at the start of the next epoch (a run resumed mid-epoch): the rest
     are the batches an uninterrupted run would have seen, with the same random views."""
 
+    labelled = True
+    """Whether the last batch came from a file with labels (make_ssl_loader sets it): a batch
+    of an unlabelled file leaves the online probe's optimiser alone (no step, no decay)."""
+
     _orders_drawn = 0  # epochs whose quasi-random order this loader has drawn
 
     _epoch = None  # the last epoch's iterator
@@ -1352,6 +1364,7 @@ class InterleavedLoader:
         self.loaders, self.seed = list(loaders), seed
         self.next_epoch, self.skip_batches = 0, 0
         self.batch_size = self.loaders[0].batch_size
+        self.labelled = True  # the last batch's file's (SSLLoader.labelled)
 
     def __len__(self):
         return sum(len(loader) for loader in self.loaders)
@@ -1370,6 +1383,7 @@ class InterleavedLoader:
         self.next_epoch, self.skip_batches = self.next_epoch + 1, 0
         iterators = [iter(loader) for loader in self.loaders]
         for k in sources[len(done):]:
+            self.labelled = self.loaders[k].labelled  # the same file in every DDP process
             yield next(iterators[k])
 
     def close(self) -> None:
@@ -1428,6 +1442,41 @@ def open_beton(path: str) -> Reader:
     if reader.num_samples == 0:
         raise ValueError(f"{path} holds no images; rewrite it with write_beton.py")
     return reader
+
+
+def fingerprint(beton: str) -> dict:
+    """What identifies a .beton's contents, cheaply (a few ms): its size, image count and a
+    hash of its header, its metadata table (every image's size, position and label) and 64 KiB
+    at 16 evenly spaced places of its data. Checkpoints keep it: a file rewritten under the same
+    name with other images does not resume an old run."""
+    reader, size = open_beton(beton), os.path.getsize(beton)
+    digest = hashlib.sha256(np.ascontiguousarray(reader.metadata).tobytes())
+    with open(beton, "rb") as f:
+        for k in range(17):
+            f.seek(min(size - 1, k * size // 16))
+            digest.update(f.read(65536))
+    return {"path": os.path.abspath(beton), "bytes": size, "images": int(reader.num_samples),
+            "sha256": digest.hexdigest()[:32]}
+
+
+def folder_problem(path: str) -> str | None:
+    """Why files cannot be written in folder `path` (made if missing), or None: an existing
+    part of the path that is not a folder, or a folder that is not writable."""
+    path = os.path.abspath(path)
+    parent = path
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"{parent} is a file, not a folder"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{parent} is not writable"
+    return None
+
+
+def has_labels(beton: str) -> bool:
+    """Whether any image of the file is labelled (STL-10's unlabeled split: none, label -1)."""
+    reader = open_beton(beton)
+    return bool((reader.metadata[f"f{list(reader.handlers).index('label')}"] >= 0).any())
 
 
 def subset_indices(beton: str | Sequence[str], size: int, seed: int = 0):
@@ -1501,7 +1550,8 @@ def make_ssl_loader(beton: str | Sequence[str], views: Sequence[ViewConfig], bat
     `partial_decode`: JPEGs are decoded only where the crop is, at a reduced scale when the crop
     is much larger than the view (jpeg_decode_plan); False decodes every pixel.
     `decode_once`: views of one resolution are cut from one decode of each image (MultiViewCrop:
-    the same views, half the decoding for two); False decodes the image once per view.
+    half the decoding for two; the same views bit for bit with partial_decode=False, within a
+    fraction of a grey level with it); False decodes the image once per view.
 
     Like every ffcv loader, batches live in buffers that are reused a few batches later: use each
     batch at once, and clone what you keep.
@@ -1567,11 +1617,13 @@ def make_ssl_loader(beton: str | Sequence[str], views: Sequence[ViewConfig], bat
                                        transforms=tail)
     if shared is not None:
         pipelines["crop"] = PipelineSpec("image", decoder=shared, transforms=[])
-    return SSLLoader(beton, outputs=names + negative_names + ["label"], batch_size=batch_size,
-                     num_workers=num_workers, seed=seed, distributed=distributed,
-                     order=OrderOption.QUASI_RANDOM if order == "quasi_random" else
-                     OrderOption.RANDOM, pipelines=pipelines, drop_last=drop_last,
-                     indices=indices, os_cache=os_cache)
+    loader = SSLLoader(beton, outputs=names + negative_names + ["label"], batch_size=batch_size,
+                       num_workers=num_workers, seed=seed, distributed=distributed,
+                       order=OrderOption.QUASI_RANDOM if order == "quasi_random" else
+                       OrderOption.RANDOM, pipelines=pipelines, drop_last=drop_last,
+                       indices=indices, os_cache=os_cache)
+    loader.labelled = has_labels(beton)
+    return loader
 
 
 def make_eval_loader(beton: str, resolution: int, batch_size: int, num_workers: int = 2,
@@ -1654,10 +1706,18 @@ class DataConfig:
     START px in epoch 0, grow linearly to END px at epoch RAMP_EPOCHS (multiples of 8 in between)
     and stay there; END replaces the views' resolution (evaluation, stem and export use it).
     Early epochs cost less; a resumed run takes up its epoch's resolution again."""
+    eval_crop_ratio: float = 1.0
+    """Evaluation (online monitors, and probe.py's default through backbone.json): the centre
+    square of this fraction of the short side, resized to the views' size. 1.0, the whole image,
+    suits small images (CIFAR, Fashion-MNIST); ImageNet practice is 0.875 (224 of 256)."""
 
     def validate(self) -> None:
         schedule = self.resolution_schedule
         check_settings([
+            ("--train-beton", self.train_beton, len(self.train_beton) >= 1,
+             "one or more .beton files"),
+            ("--eval-crop-ratio", self.eval_crop_ratio, 0 < self.eval_crop_ratio <= 1,
+             "a fraction in (0, 1] (0.875 for ImageNet)"),
             ("--num-classes", self.num_classes, self.num_classes >= 1, "an integer >= 1"),
             ("--train-subset", self.train_subset, self.train_subset >= 0, ">= 0 (0: all images)"),
             ("--resolution-schedule", schedule, schedule is None or (
@@ -1722,9 +1782,11 @@ class RunConfig:
 
     def validate(self) -> None:
         out = self.out_dir
+        problem = bool(out.strip()) and folder_problem(out)
         check_settings([
             ("--out-dir", out, bool(out.strip()) and (os.path.isdir(out) or not os.path.exists(
                 out)), "a folder"),
+            ("--out-dir", out, not problem, f"a folder this run can write ({problem})"),
             ("--checkpoint-every-min", self.checkpoint_every_min, self.checkpoint_every_min >= 0,
              ">= 0 (0: at the end of each epoch only)"),
             ("--max-steps", self.max_steps, self.max_steps >= 0, ">= 0 (0: no limit)"),
@@ -1944,6 +2006,7 @@ class Env:
     local_batch: int  # this process's share of the global batch
     amp_dtype: torch.dtype | None  # autocast's dtype; None: fp32
     sync_bn: bool  # SyncBatchNorm (DDP on GPUs with --sync-bn)
+    resolved: dict = dataclasses.field(default_factory=dict)  # open_run: what the run resolved
 
     @property
     def distributed(self) -> bool:
@@ -1973,8 +2036,12 @@ def start_processes(run: RunConfig, numerics: NumericsConfig, batch_size: int) -
         raise ValueError(f"--batch-size {batch_size} must split into {world} equal shares of at "
                          f"least 2 images")
     torch.manual_seed(numerics.seed)
-    if device.type == "cuda":  # no effect before Ampere
+    if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = numerics.tf32
+        # The views' size is fixed: cuDNN times its convolution algorithms once and keeps the
+        # fastest (as benchmarks/bench_epoch.py, whose speed-ups the README reports). The choice
+        # may differ between runs: GPU runs are not bit-reproducible anyway.
+        torch.backends.cudnn.benchmark = True
     distributed = world > 1 or dist.is_initialized()
     return Env(device, rank, world, local_batch, autocast_dtype(numerics.precision, device),
                distributed and numerics.sync_bn and device.type == "cuda")
@@ -2035,6 +2102,7 @@ def finish(env: Env, clock: "Clock", step: int) -> None:
               f"{clock.checkpoint}; run the same command to resume", flush=True)
     if env.distributed:
         dist.destroy_process_group()
+    release_out_dirs()  # the out_dir is free for the next run
     if clock.signal:
         raise SystemExit(128 + clock.signal)
 
@@ -2045,16 +2113,26 @@ CHECKPOINT_KEYS = {"model", "optimizer", "probe_optimizer", "epoch", "batch", "s
 
 
 def save_atomic(obj, path: str) -> None:
-    """torch.save to a temporary name, then rename: a crash never leaves a half-written file."""
+    """torch.save to a temporary name, then rename: a crash never leaves a half-written file,
+    and a failed write (a full disk) keeps the previous file and says so in one line."""
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as RuntimeError
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise OSError(f"cannot write {path} ({reason}); the previous version, if any, is "
+                      f"kept: free some space or fix the folder, and run again") from None
 
 
-def load_checkpoint(path: str, args, method: str) -> dict:
+def load_checkpoint(path: str, args, method: str, resolved: dict | None = None) -> dict:
     """The checkpoint, if it is one of `method`'s and from a run with the same settings (all but
-    RunConfig's); else one line saying why and what to do. map_location="cpu": the RNG state must
-    stay a CPU tensor, and load_state_dict moves everything else to the model's device."""
+    RunConfig's) and, where `resolved` is given, the same world size, precision and data as
+    this run (checkpoints before 2026-12-02 did not record them); else one line saying why and
+    what to do. map_location="cpu": the RNG state must stay a CPU tensor, and load_state_dict
+    moves everything else to the model's device."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated, corrupt, or a pickle that is not plain tensors
@@ -2073,7 +2151,33 @@ def load_checkpoint(path: str, args, method: str) -> dict:
         raise ValueError(f"{path} is from a run with other settings: {diffs}; resume with the "
                          f"checkpoint's settings, use another --out-dir, or pass --no-resume "
                          f"to discard it")
+    then = ckpt.get("resolved")
+    if resolved and then:
+        check_same_run(path, then, resolved)
     return ckpt
+
+
+def check_same_run(path: str, then: dict, now: dict) -> None:
+    """A resume is exact only on the same number of processes (each takes its share of every
+    batch: another world size would see some images twice and others never), in the same
+    precision (--precision auto resolves per device) and on the same images."""
+    fix = "or pass --no-resume to start over"
+    if then["world"] != now["world"]:
+        raise ValueError(f"{path} was saved by a run of {then['world']} process(es), this one "
+                         f"has {now['world']}: an exact resume needs the same number (torchrun "
+                         f"--nproc-per-node {then['world']}), {fix}")
+    if then["precision"] != now["precision"]:
+        raise ValueError(f"{path} was trained in {then['precision']}, this run computes in "
+                         f"{now['precision']} (on {now['device']}): pass --precision "
+                         f"{then['precision']}, {fix}")
+    for old, new in zip(then["data"], now["data"]):
+        if old != new:
+            same_size = (old["images"], old["bytes"]) == (new["images"], new["bytes"])
+            what = "the same size, other contents" if same_size else (
+                f"{old['images']} images in {old['bytes']} bytes then, {new['images']} in "
+                f"{new['bytes']} now")
+            raise ValueError(f"{new['path']} is not the file the checkpoint trained on ({what}): "
+                             f"restore it, use another --out-dir, {fix}")
 
 
 def save_provenance(args, method: str, resolved: dict) -> None:
@@ -2099,17 +2203,60 @@ def save_provenance(args, method: str, resolved: dict) -> None:
         shutil.copyfile(os.path.join(here, name), os.path.join(out_dir, "code", name))
 
 
+_RUN_LOCKS: dict = {}  # out_dir -> the open lock file of the run this process has there
+
+
+def lock_out_dir(out_dir: str) -> None:
+    """One run per out_dir at a time: a second run into it (which would resume the first's
+    checkpoint while it trains, and log every line twice) is refused, naming the process that
+    holds it. The lock (flock on out_dir/.lock) goes with the process, however it ends."""
+    key = os.path.realpath(out_dir)
+    with contextlib.suppress(KeyError):
+        _RUN_LOCKS.pop(key).close()  # a run of this process that is over
+    f = open(os.path.join(out_dir, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise ValueError(f"{out_dir} is in use by another run (process {holder}); wait for it "
+                         f"to end, or give this run another --out-dir") from None
+    f.truncate(0)
+    f.write(f"{os.getpid()} on {os.uname().nodename}\n")
+    f.flush()
+    _RUN_LOCKS[key] = f
+
+
+def release_out_dirs() -> None:
+    """Gives up this process's out_dir locks (a process that ends gives them up anyway)."""
+    for f in _RUN_LOCKS.values():
+        f.close()
+    _RUN_LOCKS.clear()
+
+
 def open_run(args, method: str, env: Env, resolved: dict) -> dict | None:
-    """Before anything slow: the checkpoint to resume from (None: a new run, whose out_dir loses
-    the previous run's checkpoint, log and exports), refused in one line if it is damaged or from
-    other settings. Then the main process prints the command and the settings and saves them."""
+    """Before anything slow: takes the out_dir (lock_out_dir), and finds the checkpoint to resume
+    from (None: a new run, whose out_dir loses the previous run's checkpoint, log and exports),
+    refused in one line if it is damaged, from other settings, another world size or precision,
+    or other data. Then the main process prints the command and the settings and saves them."""
     path = os.path.join(args.run.out_dir, "checkpoint.pt")
-    resuming = args.run.resume and os.path.exists(path)
-    ckpt = load_checkpoint(path, args, method) if resuming else None
-    resolved = {"device": str(env.device), "world": env.world,
-                "precision": PRECISION_NAMES[env.amp_dtype], **resolved, "sync_bn": env.sync_bn}
     if env.main:
         os.makedirs(args.run.out_dir, exist_ok=True)
+        lock_out_dir(args.run.out_dir)
+    env.resolved = {"device": str(env.device), "world": env.world,
+                    "precision": PRECISION_NAMES[env.amp_dtype], **resolved,
+                    "sync_bn": env.sync_bn,
+                    "data": [fingerprint(b) for b in (*args.data.train_beton,
+                                                       args.data.val_beton)]}
+    resolved = env.resolved
+    resuming = args.run.resume and os.path.exists(path)
+    try:
+        ckpt = load_checkpoint(path, args, method, resolved) if resuming else None
+    except ValueError:  # refused: the folder is free again (for a run in this same process too)
+        release_out_dirs()
+        raise
+    if env.main:
         for name in () if resuming else ("checkpoint.pt", "log.jsonl", "backbone.pt",
                                          "backbone.json", "curves.png"):
             with contextlib.suppress(FileNotFoundError):
@@ -2146,11 +2293,25 @@ def save_checkpoint(args, method: str, env: Env, states: dict, at: tuple[int, in
     sums: what an uninterrupted run would have in memory at this point."""
     if env.main:
         epoch, batch, step = at
+        check_finite(states["model"], step, clock.checkpoint)
         save_atomic({**{name: obj.state_dict() for name, obj in states.items()},
                      "epoch": epoch, "batch": batch, "step": step, "sums": log.sums,
                      "rng": torch.get_rng_state(), "args": settings(args), "method": method,
-                     "elapsed": clock.elapsed, "log_bytes": log.size()}, clock.checkpoint)
+                     "elapsed": clock.elapsed, "log_bytes": log.size(),
+                     "resolved": env.resolved}, clock.checkpoint)
     clock.saved()
+
+
+def check_finite(model: nn.Module, step: int, checkpoint: str) -> None:
+    """Non-finite weights are never saved or exported (the loss is only checked every 20 steps,
+    and a diverged model must not become the "last good checkpoint"). One sync: a reduction."""
+    tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
+    if not torch.stack([torch.isfinite(t).all() for t in tensors]).all():
+        bad = next(n for n, t in model.state_dict().items()
+                   if t.is_floating_point() and not torch.isfinite(t).all())
+        raise FloatingPointError(f"the weights are not finite at step {step} (first: {bad}), so "
+                                 f"they were not saved; the last good checkpoint, if any, is kept "
+                                 f"in {checkpoint}: lower --base-lr and resume or start over")
 
 
 # ---- The clock: training time, the time budget, checkpoint intervals, signals ----------------
@@ -2163,27 +2324,41 @@ def catch_preemption() -> dict:
     return caught
 
 
+AGREE_EVERY = 20  # steps between the DDP processes' agreements (Clock), each a CPU-GPU sync
+
+
 class Clock:
     """Answers the training loop's questions after each step, the same in every process: is the
     time budget spent, is a checkpoint due (--checkpoint-every-min), must the run stop (a
-    pre-emption signal caught by any process, or --max-steps reached)? It counts training time
-    only: from each epoch's first batch (the loader's start-up is left out) to its last step,
-    without evaluation and checkpoints."""
+    pre-emption signal caught by any process, or --max-steps reached), and how far along the
+    schedule is it? It counts training time only: from each epoch's first batch (the loader's
+    start-up is left out) to its last step, without evaluation and checkpoints.
+
+    Under DDP the processes agree (the longest time, any signal) every AGREE_EVERY steps, not
+    every step: an all-reduce read back on the CPU waits for the GPU's queue to drain. In
+    between, the training time is extrapolated from the last two agreements, the same numbers
+    in every process, so every process takes the same learning rate and stops at the same step.
+    """
 
     def __init__(self, budget_min: float, run: RunConfig, env: Env, ckpt: dict | None):
         self.budget_s, self.every_s = 60 * budget_min, 60 * run.checkpoint_every_min
         self.max_steps, self.device = run.max_steps, env.device
         self.checkpoint = os.path.join(run.out_dir, "checkpoint.pt")
         self.elapsed = ckpt["elapsed"] if ckpt else 0.0  # seconds of training so far
+        self.local = self.elapsed  # this process's own count (DDP: agreed every AGREE_EVERY)
+        self.agreed, self.rate = None, 0.0  # (step, elapsed) last agreed; seconds per step
         self.caught = catch_preemption()
         self.saved_at, self.tick = time.time(), None
         self.signal, self.stop = 0, False
         self.spent = bool(self.budget_s) and self.elapsed >= self.budget_s
 
     def progress(self, step_fraction: float) -> float:
-        """The fraction of the schedule done: of the time budget if there is one, else of the
-        steps (`step_fraction`)."""
-        return self.elapsed / self.budget_s if self.budget_s else step_fraction
+        """The fraction of the schedule done: of the steps (`step_fraction`, of --epochs) or,
+        with a time budget, of whichever limit is nearer, so that the schedule ends when the
+        run does, whether the budget or the epochs run out first."""
+        if not self.budget_s:
+            return step_fraction
+        return max(self.elapsed / self.budget_s, step_fraction)
 
     def start_step(self) -> None:
         if self.tick is None:  # the first step since the epoch began or a checkpoint
@@ -2191,8 +2366,20 @@ class Clock:
 
     def end_step(self, step: int) -> bool:
         """Adds the step's time; whether a checkpoint is due now (stop, or the interval)."""
-        self.signal, self.elapsed = self._agree(self.elapsed + time.time() - self.tick)
-        self.tick = time.time()
+        now = time.time()
+        self.local += now - self.tick
+        self.tick = now
+        if not dist.is_initialized():
+            self.signal, self.elapsed = self.caught.get("signal", 0), self.local
+        elif step % AGREE_EVERY == 0:
+            self.signal, self.local = self._agree()
+            if self.agreed is not None and step > self.agreed[0]:
+                self.rate = (self.local - self.agreed[1]) / (step - self.agreed[0])
+            self.agreed, self.elapsed = (step, self.local), self.local
+        else:
+            if self.agreed is None:  # a resumed or new run: from where it starts
+                self.agreed = (step - 1, self.elapsed)
+            self.elapsed = self.agreed[1] + (step - self.agreed[0]) * self.rate
         self.spent = bool(self.budget_s) and self.elapsed >= self.budget_s
         self.stop = bool(self.max_steps and step >= self.max_steps) or bool(self.signal)
         due = 0 < self.every_s <= time.time() - self.saved_at
@@ -2201,14 +2388,11 @@ class Clock:
     def saved(self) -> None:
         self.saved_at, self.tick = time.time(), None  # saving is not training time
 
-    def _agree(self, elapsed: float) -> tuple[int, float]:
-        """The signal any process caught (0: none) and the longest training time: under DDP
-        every process takes the same learning rate and stops at the same step."""
-        caught = float(self.caught.get("signal", 0))
-        if not dist.is_initialized():
-            return int(caught), elapsed
-        values = torch.tensor([caught, elapsed], dtype=torch.float64, device=self.device)
-        dist.all_reduce(values, op=dist.ReduceOp.MAX)  # a small sync point, once per step
+    def _agree(self) -> tuple[int, float]:
+        """The signal any process caught (0: none) and the longest training time."""
+        values = torch.tensor([float(self.caught.get("signal", 0)), self.local],
+                              dtype=torch.float64, device=self.device)
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)  # a sync point, every AGREE_EVERY steps
         return int(values[0].item()), values[1].item()
 
 
@@ -2229,9 +2413,9 @@ class Logbook:
         self.writer = self.wandb = None
         if not env.main:
             return
-        if ckpt:
+        if ckpt and self.size() > ckpt["log_bytes"]:
             with open(self.path, "a") as f:  # forget what was logged after the checkpoint
-                f.truncate(ckpt["log_bytes"])
+                f.truncate(ckpt["log_bytes"])  # (never longer: that would append zero bytes)
         if args.run.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -2248,8 +2432,10 @@ class Logbook:
         self.start, self.first_batch = time.time(), batch
         if batch == 0:
             self.sums = None
+        # Quiet when stderr is not a terminal (a log file would get every redraw); the epoch's
+        # console line and log.jsonl say the same.
         self.bar = tqdm(loader, desc=f"epoch {epoch}", total=steps_per_epoch, initial=batch,
-                        disable=not self.env.main, leave=False)
+                        disable=not (self.env.main and sys.stderr.isatty()), leave=False)
         return self.bar
 
     def step(self, step: int, loss: torch.Tensor, terms: dict, lr: float) -> None:
@@ -2318,7 +2504,11 @@ def plot_curves(log_path: str, png_path: str, method: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in open(log_path)]
+    rows = []
+    for line in open(log_path, errors="replace"):
+        with contextlib.suppress(ValueError):  # a line cut by a crash, or edited by hand
+            rows.append(json.loads(line))
+    rows = [r for r in rows if isinstance(r, dict) and "step" in r and "loss" in r]
     steps = [r for r in rows if "probe_acc" not in r]
     epochs = [r for r in rows if "probe_acc" in r]
     fig, axes = plt.subplots(1, 4, figsize=(18, 3.5))
@@ -2351,31 +2541,59 @@ def probe_loss_of(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return total / (y >= 0).sum().clamp(min=1)
 
 
+def monitor_images(count: int) -> np.ndarray:
+    """The validation images the k-NN and RankMe monitors use: all of them up to MONITOR_IMAGES,
+    else MONITOR_IMAGES drawn at random with a fixed seed (an image-folder .beton is written
+    class by class: its first 10,000 images would be a few classes), sorted; the same whatever
+    the number of processes."""
+    if count <= MONITOR_IMAGES:
+        return np.arange(count)
+    return np.sort(np.random.default_rng(0).choice(count, MONITOR_IMAGES, replace=False))
+
+
+def make_monitor_loader(beton: str, resolution: int, env: Env, run: RunConfig,
+                        crop_ratio: float = 1.0) -> SSLLoader:
+    """The validation loader of the online monitors: every image once, centre-cropped; under
+    DDP each process takes every world-th image (ffcv's distributed order pads its shares with
+    repeats, which the probe would count twice and the leave-one-out k-NN would find at cosine
+    1)."""
+    share = np.arange(int(open_beton(beton).num_samples))[env.rank::env.world]
+    return make_eval_loader(beton, resolution, 512, run.num_workers, False, env.device,
+                            crop_ratio, indices=share, os_cache=run.os_cache)
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, env: Env) -> dict:
-    """The epoch's monitors on the validation set, from `model.backbone` and `model.probe`: the
-    online linear probe's top-1 (every image, every process's share), and on the features of the
-    first MONITOR_IMAGES images (gathered from every process): k-NN top-1 and RankMe."""
+def evaluate(model: nn.Module, loader: SSLLoader, env: Env) -> dict:
+    """The epoch's monitors on the validation set (make_monitor_loader), from `model.backbone`
+    and `model.probe`: the online linear probe's top-1 over every image, and on the features of
+    monitor_images() (gathered from every process, in image order): k-NN top-1 and RankMe."""
     model.eval()
     device, amp_dtype = env.device, env.amp_dtype
+    share = np.asarray(loader.indices)  # this process's images, in the loader's order
+    count = int(open_beton(loader.fname).num_samples)
+    wanted = torch.from_numpy(np.isin(share, monitor_images(count)))
     correct = torch.zeros(2, device=device)  # (correct, seen)
-    feats, labels, kept = [], [], 0
+    feats, labels, seen = [], [], 0
     for x, y in loader:
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             h = model.backbone(x)
             logits = model.probe(h)
         correct += torch.stack([(logits.argmax(1) == y).sum(), torch.tensor(len(y), device=device)])
-        if kept < MONITOR_IMAGES:
-            feats.append(h.float()[:MONITOR_IMAGES - kept])
-            labels.append(y[:MONITOR_IMAGES - kept].clone())  # ffcv reuses its buffers
-            kept += len(feats[-1])
+        keep = wanted[seen:seen + len(y)].to(device)
+        feats.append(h.float()[keep])
+        labels.append(y[keep].clone())  # ffcv reuses its buffers
+        seen += len(y)
+    order = torch.from_numpy(share[wanted.numpy()])
     feats, labels = torch.cat(feats), torch.cat(labels)
     if dist.is_initialized():
         dist.all_reduce(correct)
         shares = [None] * dist.get_world_size()
-        dist.all_gather_object(shares, (feats.cpu(), labels.cpu()))
-        feats = torch.cat([f for f, _ in shares])[:MONITOR_IMAGES].to(device)
-        labels = torch.cat([y for _, y in shares])[:MONITOR_IMAGES].to(device)
+        dist.all_gather_object(shares, (order, feats.cpu(), labels.cpu()))
+        order = torch.cat([o for o, _, _ in shares])
+        feats = torch.cat([f for _, f, _ in shares]).to(device)
+        labels = torch.cat([y for _, _, y in shares]).to(device)
+    by_image = torch.argsort(order).to(device)  # the same order at every world size
+    feats, labels = feats[by_image], labels[by_image]
     model.train()
     return {"probe_acc": (correct[0] / correct[1]).item(),
             "knn_acc": knn_leave_one_out(feats, labels), "rankme": rankme(feats)}
@@ -2411,17 +2629,18 @@ def rankme(feats: torch.Tensor, eps: float = 1e-7) -> float:
 
 # ---- Export -------------------------------------------------------------------------------
 def export_backbone(backbone: nn.Module, out_dir: str, arch: str, width: int, resolution: int,
-                    method: str, env: Env) -> None:
+                    crop_ratio: float, method: str, env: Env) -> None:
     """backbone.pt: the backbone alone, which torchvision's model (ScaledResNet for a width other
     than 64) with fc = Identity() and the stem that backbone.json describes takes with
     load_state_dict(strict=True); probe.py rebuilds it from backbone.json."""
     if not env.main:
         return
+    check_finite(backbone, -1, os.path.join(out_dir, "checkpoint.pt"))
     save_atomic(backbone.state_dict(), os.path.join(out_dir, "backbone.pt"))
     path = os.path.join(out_dir, "backbone.json")
     with open(path + ".tmp", "w") as f:
         json.dump({"arch": arch, "width": width, "stem": stem_spec(backbone),
-                   "resolution": resolution, "method": method}, f)
+                   "resolution": resolution, "crop_ratio": crop_ratio, "method": method}, f)
     os.replace(path + ".tmp", path)
 
 

@@ -43,7 +43,7 @@ import tyro
 from ffcv_ssl_common import (IMAGENET_STD, LARS, NO_PREFIX, Clock, DataConfig, Logbook,
                              NumericsConfig, RunConfig, ViewConfig, backbone_rules, check_data,
                              check_replicas, check_settings, epoch_resolution, evaluate,
-                             export_backbone, finish, make_backbone, make_eval_loader,
+                             export_backbone, finish, make_backbone, make_monitor_loader,
                              make_ssl_loader, open_run, parallel, probe_loss_of, resolve_stem,
                              resume, save_checkpoint, simclr_views, start_processes,
                              subset_indices)
@@ -90,7 +90,9 @@ class Model:
     """Start each residual block's last BatchNorm at zero (the official codes do): every block
     starts as the identity. --no-zero-init-residual keeps torchvision's default init."""
     projector_dims: tuple[int, ...] = (2048, 2048, 256)
-    """Projector MLP widths after the backbone: hidden layers Linear-BN-ReLU, last Linear."""
+    """Projector MLP widths after the backbone: hidden layers Linear-BN-ReLU, the last Linear
+    without a bias followed by a BatchNorm without a shift, as SimCLR's official code (its
+    ProjectionHead: the last LinearLayer has use_bias=False, use_bn=True)."""
 
 
 @dataclass
@@ -101,10 +103,11 @@ class Optim:
     """Passes over the training set; the learning-rate schedule spans all of them (with
     --time-budget-min: the most epochs trained)."""
     time_budget_min: float = 0.0
-    """Train for this many minutes of wall-clock instead (0: off): warm-up and cosine decay run
-    over the fraction of the budget used, so any machine ends its schedule on time; evaluation,
-    checkpoints and the loader's start-up are not counted. The steps trained then depend on the
-    machine's speed: a budgeted run is not bit-reproducible (log.jsonl has each step's lr)."""
+    """Train for at most this many minutes of wall-clock (0: no limit): the schedule then runs
+    over the budget, or over --epochs if they end first, so the run ends its schedule whichever
+    limit binds; evaluation, checkpoints and the loader's start-up are not counted. The steps
+    trained depend on the machine's speed: a budgeted run is not bit-reproducible (log.jsonl
+    has each step's lr)."""
     batch_size: int = 256
     """Global batch (split over DDP processes)."""
     optimizer: Literal["lars", "sgd", "adamw"] = "lars"
@@ -120,8 +123,10 @@ class Optim:
     momentum). The ImageNet recipes' 0.001 suits their many thousand steps; short runs need more
     (solo-learn's CIFAR recipes: 0.02)."""
     warmup_epochs: float = 10
-    """Linear warm-up, then cosine decay to 0 (with --time-budget-min: warm-up over the fraction
-    warmup_epochs / epochs of the budget)."""
+    """Linear warm-up, then cosine decay (with --time-budget-min: warm-up over the fraction
+    warmup_epochs / epochs of the schedule)."""
+    final_lr_ratio: float = 0.0
+    """Where the cosine ends, as a fraction of the peak (SimCLR's official code decays to 0)."""
     probe_lr: float = 1e-3
     """Online linear probe (AdamW, its own optimiser)."""
 
@@ -171,6 +176,7 @@ def validate(args: Args) -> None:
         ("--momentum", o.momentum, 0 <= o.momentum < 1, "in [0, 1)"),
         ("--lars-eta", o.lars_eta, o.lars_eta > 0, "> 0"),
         ("--warmup-epochs", o.warmup_epochs, 0 <= o.warmup_epochs <= o.epochs, "in [0, --epochs]"),
+        ("--final-lr-ratio", o.final_lr_ratio, 0 <= o.final_lr_ratio <= 1, "in [0, 1]"),
         ("--probe-lr", o.probe_lr, o.probe_lr > 0, "> 0"),
         # ALGO LOGIC: the method's own settings
         ("--temperature", args.loss.temperature, args.loss.temperature >= 1e-4,
@@ -203,13 +209,17 @@ def patch_view(patches: Patches) -> ViewConfig:
 # ----------------------------------------------------------------------------------------------
 # Model: backbone + projector (+ the online probe, trained on detached features).
 # ----------------------------------------------------------------------------------------------
-def mlp(dims: tuple[int, ...], last_bias: bool = True) -> nn.Sequential:
-    """Linear-BN-ReLU for each hidden width, then a Linear (with a bias if `last_bias`)."""
+def mlp(dims: tuple[int, ...], last_bias: bool = True, last_bn: bool = False) -> nn.Sequential:
+    """Linear-BN-ReLU for each hidden width, then a Linear (with a bias if `last_bias`) and, with
+    `last_bn`, a BatchNorm that scales but does not shift (SimCLR's official head)."""
     layers = []
     for i in range(len(dims) - 2):
         layers += [nn.Linear(dims[i], dims[i + 1], bias=False), nn.BatchNorm1d(dims[i + 1]),
                    nn.ReLU(inplace=True)]
     layers.append(nn.Linear(dims[-2], dims[-1], bias=last_bias))
+    if last_bn:
+        layers.append(nn.BatchNorm1d(dims[-1]))
+        layers[-1].register_parameter("bias", None)  # TF's BatchNormalization(center=False)
     return nn.Sequential(*layers)
 
 
@@ -218,29 +228,31 @@ class InstanceSimCLR(nn.Module):
         super().__init__()
         m = args.model
         self.backbone, width = make_backbone(m.arch, stem, m.zero_init_residual, m.width)
-        self.projector = mlp((width, *m.projector_dims))
+        self.projector = mlp((width, *m.projector_dims), last_bias=False, last_bn=True)
         self.probe = nn.Linear(width, args.data.num_classes)
         self.temperature, self.in_batch = args.loss.temperature, args.loss.in_batch_negatives
         # The noise, in normalised units per channel (the loader divides by IMAGENET_STD / 255).
         self.register_buffer("noise_std", torch.tensor(
             args.patches.noise_std * 255 / IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1))
-        self.register_buffer("calls", torch.zeros((), dtype=torch.int64))  # saved: exact resume
+        # Forward passes so far (saved with the model). The noise is drawn from the step number
+        # the loop passes instead: reading this CUDA tensor would wait for the GPU every step.
+        self.register_buffer("calls", torch.zeros((), dtype=torch.int64))
         self.seed = args.numerics.seed
 
-    def add_noise(self, x: torch.Tensor) -> torch.Tensor:
+    def add_noise(self, x: torch.Tensor, step: int) -> torch.Tensor:
         """x + N(0, noise_std^2), its own draw for every pixel, copy, step and DDP process: a
-        generator seeded with (seed, forward calls, rank) makes it reproducible on resume."""
+        generator seeded with (seed, step, rank) makes it reproducible on resume."""
         rank = dist.get_rank() if dist.is_initialized() else 0
-        gen = torch.Generator(x.device).manual_seed(
-            hash((self.seed, int(self.calls), rank)) % 2**63)
+        gen = torch.Generator(x.device).manual_seed(hash((self.seed, step, rank)) % 2**63)
         noise = torch.randn(x.shape, generator=gen, device=x.device, dtype=torch.float32)
         return (x.float() + noise * self.noise_std).to(x.dtype)
 
-    def forward(self, x1, x2, negatives, y):
-        """x1, x2: the two noisy copies of patch A (B, 3, R, R); negatives: K such batches."""
+    def forward(self, x1, x2, negatives, y, step: int):
+        """x1, x2: patch A twice (B, 3, R, R); negatives: K such batches; step: the steps done
+        before this one (the noise's stream)."""
         # Every view in one batch (as SimCLR's official code): BatchNorm over all (2 + K) B.
         self.calls += 1
-        x = self.add_noise(torch.cat([x1, x2, *negatives]))
+        x = self.add_noise(torch.cat([x1, x2, *negatives]), step + 1)
         h = self.backbone(x)
         z = self.projector(h).float().view(2 + len(negatives), len(x1), -1)  # (2 + K, B, d)
         h1, z1, z2, zn = h[:len(x1)], z[0], z[1], z[2:].transpose(0, 1)  # zn: (B, K, d)
@@ -311,13 +323,14 @@ def make_optimizer(optim: Optim, model: nn.Module, lr: float) -> torch.optim.Opt
     return torch.optim.AdamW(groups, lr, weight_decay=optim.weight_decay)
 
 
-def learning_rate(progress: float, warmup: float, peak: float) -> float:
-    """`progress`: the fraction of training done (steps, or minutes of --time-budget-min).
-    Linear warm-up from 0 to `peak` over the first `warmup` of it, then cosine decay to 0."""
+def learning_rate(progress: float, warmup: float, peak: float, final: float = 0.0) -> float:
+    """`progress`: the fraction of the schedule done (Clock.progress). Linear warm-up from 0 to
+    `peak` over the first `warmup` of it, then cosine decay to `final` x peak."""
     if progress < warmup:
         return peak * progress / warmup
     after = (progress - warmup) / max(1e-12, 1 - warmup)
-    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, after)))
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, after)))
+    return peak * (cosine + final * (1 - cosine))
 
 
 def set_learning_rates(optim: Optim, optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -352,8 +365,8 @@ def main(args: Args) -> dict:
 
     loader_size = epoch_resolution(schedule, resolution, 0)
     train_loader = train_loader_at(loader_size)
-    val_loader = make_eval_loader(args.data.val_beton, resolution, 512, args.run.num_workers,
-                                  env.distributed, env.device, os_cache=args.run.os_cache)
+    val_loader = make_monitor_loader(args.data.val_beton, resolution, env, args.run,
+                                     args.data.eval_crop_ratio)
 
     # Model and optimisers
     model = InstanceSimCLR(args, stem).to(env.device, memory_format=torch.channels_last)
@@ -385,15 +398,17 @@ def main(args: Args) -> dict:
         train_loader.next_epoch, train_loader.skip_batches = epoch, batch  # this epoch's order
         for x1, x2, *negatives, y in log.epoch(train_loader, epoch, batch, steps_per_epoch):
             clock.start_step()  # training time runs from the batch's arrival
-            lr = learning_rate(clock.progress(step / total_steps), warmup, peak_lr)
+            lr = learning_rate(clock.progress(step / total_steps), warmup, peak_lr,
+                               args.optim.final_lr_ratio)
             set_learning_rates(args.optim, optimizer, lr)
             with torch.autocast(env.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                loss, probe_loss, terms = net(x1, x2, negatives, y)
+                loss, probe_loss, terms = net(x1, x2, negatives, y, step)
             optimizer.zero_grad(set_to_none=True)
             probe_optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss + probe_loss).backward()  # the scaler is a no-op without fp16
             scaler.step(optimizer)
-            scaler.step(probe_optimizer)
+            if train_loader.labelled:  # a batch of an unlabelled file leaves the probe alone
+                scaler.step(probe_optimizer)
             scaler.update()
             batch, step = batch + 1, step + 1
             log.step(step, loss, terms, lr)  # every 20 steps: a log line, a NaN check
@@ -416,7 +431,7 @@ def main(args: Args) -> dict:
 
     if not clock.signal:  # finished, or stopped by --max-steps: the backbone for probe.py
         export_backbone(model.backbone, args.run.out_dir, args.model.arch, args.model.width,
-                        resolution, METHOD, env)
+                        resolution, args.data.eval_crop_ratio, METHOD, env)
     log.close()  # curves.png; TensorBoard, wandb
     finish(env, clock, step)  # after a signal: exit status 128 + signal, to be resumed
     return result
@@ -425,5 +440,5 @@ def main(args: Args) -> dict:
 if __name__ == "__main__":
     try:
         main(tyro.cli(Args, description=__doc__))
-    except (FileNotFoundError, ValueError, FloatingPointError) as err:
+    except (OSError, ValueError, FloatingPointError) as err:  # one line, no traceback
         sys.exit(f"error: {err}")

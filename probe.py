@@ -5,8 +5,9 @@
     python probe.py --backbone my_weights.pt --arch resnet50 --stem imagenet   # a plain state dict
 
 Features of the train and validation .beton files (centre crop, no augmentation) are extracted
-once and cached next to the backbone, so trying heads takes seconds. `--augment` instead trains
-the heads on randomly cropped and flipped views, as the standard linear evaluation does (slower:
+once and cached (probe_cache/ beside the results), so trying heads takes seconds. `--augment`
+instead trains the linear and MLP heads on randomly cropped and flipped views, as the standard
+linear evaluation does, and chooses their hyper-parameters by training on such views too (slower:
 the backbone runs every epoch). Prints top-1 / top-5 and saves them to probe_<name>.json
 (probe_random_init_seed<seed>.json for --random-init: baselines of several seeds side by side).
 
@@ -23,14 +24,17 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 
+import ffcv_ssl_common
 from ffcv_ssl_common import (PRECISION_NAMES, RESNETS, STEMS, ViewConfig, autocast_dtype,
-                             check_labels, check_settings, make_backbone, make_eval_loader,
-                             make_ssl_loader, subset_indices)
+                             check_labels, check_settings, fingerprint, folder_problem,
+                             make_backbone, make_eval_loader, make_ssl_loader, save_atomic,
+                             subset_indices)
 
 
 @dataclass
@@ -54,6 +58,9 @@ class Args:
     default: from backbone.json."""
     resolution: int = 0
     """Input side in pixels; 0: the training resolution from backbone.json (else 32)."""
+    crop_ratio: float = 0.0
+    """Centre crop of this fraction of the short side before the resize (ImageNet practice:
+    0.875); 0: backbone.json's (the method files' --eval-crop-ratio), else 1.0."""
     random_init: bool = False
     """Probe the same architecture with random weights instead: the baseline SSL must beat."""
     heads: tuple[Literal["linear", "mlp", "knn"], ...] = ("linear", "mlp", "knn")
@@ -76,8 +83,8 @@ class Args:
     knn_temperature: float = 0.07
     """k-NN votes weighted by exp(cosine similarity / T) (Wu et al. 2018)."""
     augment: bool = False
-    """Train the heads on random crops + flips of the train set (backbone frozen) instead of
-    cached centre-crop features."""
+    """Train the linear and MLP heads on random crops + flips of the train set (backbone frozen),
+    their hyper-parameters chosen the same way, instead of on cached centre-crop features."""
     train_subset: int = 0
     """Fit the heads on this many training images drawn with `seed` (0: all); for quick looks."""
     num_workers: int = 2
@@ -92,6 +99,9 @@ class Args:
     CUDA GPUs with tensor cores, fp32 elsewhere."""
     out: str = ""
     """Results JSON; default: probe_<backbone name or random_init>.json beside the backbone."""
+    cache: bool = True
+    """Keep the features in <the results JSON's folder>/probe_cache/ (keyed by the weights, the
+    data, the code, the device and the precision), so that trying other heads takes seconds."""
 
 
 def validate(args: Args) -> None:
@@ -102,6 +112,8 @@ def validate(args: Args) -> None:
          "0 (from backbone.json) or a multiple of 16 (torchvision's ResNets: 64)"),
         ("--resolution", args.resolution, 0 <= args.resolution <= 4096,
          "0 (from backbone.json) or a side in pixels up to 4096"),
+        ("--crop-ratio", args.crop_ratio, 0 <= args.crop_ratio <= 1,
+         "0 (from backbone.json) or a fraction in (0, 1]"),
         ("--heads", args.heads, len(args.heads) >= 1, "one or more of linear, mlp, knn"),
         ("--mlp-dims", args.mlp_dims, min(args.mlp_dims, default=1) >= 1, "widths >= 1"),
         ("--epochs", args.epochs, args.epochs >= 1, "an integer >= 1"),
@@ -118,6 +130,10 @@ def validate(args: Args) -> None:
         ("--num-workers", args.num_workers, args.num_workers >= 1, "an integer >= 1"),
         ("--seed", args.seed, 0 <= args.seed < 2**32, "an integer in [0, 2^32)"),
         ("--out", args.out, not os.path.isdir(args.out), "a file name, not a folder")])
+    problem = folder_problem(os.path.dirname(os.path.abspath(results_path(args))))
+    if problem:
+        raise ValueError(f"cannot write the results: {problem}; pass --out with a writable "
+                         f"folder")
     grid = len(args.lr) * len(args.weight_decay) > 1 or len(args.knn_k) > 1
     if args.holdout == 0 and grid:
         raise ValueError(f"--holdout 0 with several values to choose from (--lr {args.lr}, "
@@ -125,16 +141,51 @@ def validate(args: Args) -> None:
                          f"value each, or a holdout fraction such as 0.1")
 
 
+def results_path(args: Args) -> str:
+    return args.out or os.path.join(os.path.dirname(args.backbone) or ".", "probe_" + (
+        f"random_init_seed{args.seed}" if args.random_init
+        else os.path.splitext(os.path.basename(args.backbone))[0]) + ".json")
+
+
+def read_backbone_json(path: str) -> dict:
+    """backbone.json as the method files write it ({} when there is none), every field checked:
+    a damaged one is named in one line."""
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path} is not readable JSON ({err}); delete it and give --arch and "
+                         f"--stem") from None
+    if not isinstance(meta, dict):
+        problem = f"holds a {type(meta).__name__}, not an object"
+    else:
+        stem = meta.get("stem", STEMS["small"])
+        conv = stem.get("conv1") if isinstance(stem, dict) else None
+        checks = [
+            ("arch", isinstance(meta.get("arch", ""), str)),
+            ("width", isinstance(meta.get("width", 64), int)),
+            ("resolution", isinstance(meta.get("resolution", 32), int)
+             and 1 <= meta.get("resolution", 32) <= 4096),
+            ("crop_ratio", isinstance(meta.get("crop_ratio", 1.0), (int, float))
+             and 0 < meta.get("crop_ratio", 1.0) <= 1),
+            ("stem", isinstance(stem, dict) and isinstance(conv, dict)
+             and set(conv) == {"kernel_size", "stride", "padding"}
+             and all(isinstance(v, int) and v >= 0 for v in conv.values())
+             and conv["kernel_size"] >= 1 and conv["stride"] >= 1
+             and isinstance(stem.get("maxpool"), bool))]
+        bad = [name for name, ok in checks if not ok]
+        if not bad:
+            return meta
+        problem = f"has a bad {bad[0]!r}: {meta.get(bad[0])!r}"
+    raise ValueError(f"{path} {problem}; rewrite it as a method file exports it, or delete it "
+                     f"and give --arch, --width, --stem and --resolution")
+
+
 def build_backbone(args: Args) -> tuple[nn.Module, dict]:
     meta_path = os.path.join(os.path.dirname(args.backbone), "backbone.json")
-    meta = {}
-    if os.path.exists(meta_path):
-        try:
-            with open(meta_path) as f:
-                meta = json.load(f)
-        except (OSError, ValueError) as err:
-            raise ValueError(f"{meta_path} is not readable JSON ({err}); delete it and give "
-                             f"--arch and --stem") from None
+    meta = read_backbone_json(meta_path)
     arch = args.arch or meta.get("arch")
     if arch is None:
         raise ValueError(f"no {meta_path}: give --arch (and --stem) for a plain state dict")
@@ -171,7 +222,9 @@ def build_backbone(args: Args) -> tuple[nn.Module, dict]:
             raise ValueError(f"{args.backbone} does not fit {arch} (width {width}, small stem: "
                              f"{small}): {first}; check --arch/--width/--stem") from None
     resolution = args.resolution or meta.get("resolution", 32)
-    return net, {"arch": arch, "width": width, "small_stem": small, "resolution": resolution}
+    crop_ratio = args.crop_ratio or meta.get("crop_ratio", 1.0)
+    return net, {"arch": arch, "width": width, "small_stem": small, "resolution": resolution,
+                 "crop_ratio": crop_ratio}
 
 
 @torch.no_grad()
@@ -185,36 +238,40 @@ def extract(net, loader, device, amp_dtype) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def cached_features(args, net, info, device, amp_dtype):
-    """Features of both splits, cached on disk keyed by the weights, data, resolution and
-    precision."""
+    """Features of both splits (centre crops), cached in probe_cache/ beside the results JSON,
+    keyed by everything that changes them: the weights, the data (fingerprint), the crop, the
+    subset, this code (probe.py and ffcv_ssl_common.py), torch, the device and the precision."""
     key = hashlib.sha256()
     for name, tensor in sorted(net.state_dict().items()):
         key.update(name.encode())
         key.update(tensor.detach().cpu().float().numpy().tobytes())
     for path in (args.train_beton, args.val_beton):
-        key.update(f"{os.path.abspath(path)}:{os.path.getsize(path)}:{os.path.getmtime(path)}"
-                   .encode())
-    key.update(f"{info['resolution']}:{args.train_subset}:{args.seed}:{amp_dtype}".encode())
-    cache = os.path.join(os.path.dirname(args.backbone) or ".",
+        key.update(json.dumps(fingerprint(path)).encode())
+    for code in (__file__, ffcv_ssl_common.__file__):
+        key.update(open(code, "rb").read())
+    key.update(f"{info['resolution']}:{info['crop_ratio']}:{args.train_subset}:{args.seed}:"
+               f"{amp_dtype}:{device.type}:{torch.__version__}".encode())
+    cache = os.path.join(os.path.dirname(os.path.abspath(results_path(args))), "probe_cache",
                          f"features_{key.hexdigest()[:16]}.pt")
-    if os.path.exists(cache):
+    if args.cache and os.path.exists(cache):
         return torch.load(cache, weights_only=True), cache
     out = {}
     for split, path in (("train", args.train_beton), ("val", args.val_beton)):
         indices = subset_indices(path, args.train_subset, args.seed) if split == "train" else None
         loader = make_eval_loader(path, info["resolution"], 512, args.num_workers, device=device,
-                                  indices=indices)
+                                  crop_ratio=info["crop_ratio"], indices=indices)
         out[split] = extract(net, loader, device, amp_dtype)
-    os.makedirs(os.path.dirname(cache) or ".", exist_ok=True)
-    tmp = cache + ".tmp"
-    torch.save(out, tmp)
-    os.replace(tmp, cache)
+    if not args.cache:
+        return out, None
+    os.makedirs(os.path.dirname(cache), exist_ok=True)
+    save_atomic(out, cache)
     return out, cache
 
 
 def make_head(kind: str, width: int, args: Args) -> nn.Module:
     if kind == "linear":
-        return nn.Sequential(nn.BatchNorm1d(width, affine=False), nn.Linear(width, args.num_classes))
+        return nn.Sequential(nn.BatchNorm1d(width, affine=False),
+                             nn.Linear(width, args.num_classes))
     layers, d = [nn.BatchNorm1d(width, affine=False)], width
     for h in args.mlp_dims:
         layers += [nn.Linear(d, h, bias=False), nn.BatchNorm1d(h), nn.ReLU(inplace=True)]
@@ -279,6 +336,10 @@ def main(args: Args) -> dict:
     train_x, train_y = (t.to(device) for t in feats["train"])
     val_x, val_y = (t.to(device) for t in feats["val"])
     labelled = train_y >= 0  # label -1: unlabelled (STL-10's unlabeled split), no use to a head
+    train_images = subset_indices(args.train_beton, args.train_subset, args.seed)
+    if train_images is None:  # the features' images, in their order (sorted)
+        train_images = np.arange(len(train_y))
+    train_images = train_images[labelled.cpu().numpy()]
     if not labelled.all():
         print(f"{int((~labelled).sum())} unlabelled training images (label -1) left out")
         if not labelled.any():
@@ -286,8 +347,8 @@ def main(args: Args) -> dict:
         train_x, train_y = train_x[labelled], train_y[labelled]
     width = train_x.shape[1]
     results = {"backbone": "random init" if args.random_init else args.backbone, **info,
-               "precision": PRECISION_NAMES[amp_dtype], "train_images": len(train_y), "val_images": len(val_y),
-               "augment": args.augment, "features_cache": cache}
+               "precision": PRECISION_NAMES[amp_dtype], "train_images": len(train_y),
+               "val_images": len(val_y), "augment": args.augment, "features_cache": cache}
     generator = torch.Generator().manual_seed(args.seed)
     # The holdout that chooses the hyper-parameters: a seeded share of the training images.
     order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(args.seed))
@@ -313,7 +374,10 @@ def main(args: Args) -> dict:
             grid = [{"lr": lr, "weight_decay": wd} for lr in args.lr for wd in args.weight_decay]
         if len(grid) == 1:
             return {**grid[0], "holdout_top1": None}
-        fit_batches, fit_steps = batches_of(train_x[fit], train_y[fit])
+        if args.augment and kind != "knn":  # chosen on what the head is then trained on
+            fit_batches, fit_steps = augmented(np.sort(train_images[fit.numpy()]))
+        else:
+            fit_batches, fit_steps = batches_of(train_x[fit], train_y[fit])
         scores = []
         for hp in grid:
             if kind == "knn":
@@ -327,22 +391,23 @@ def main(args: Args) -> dict:
         return {**grid[best], "holdout_top1": scores[best],
                 "holdout_grid": [{**hp, "top1": sc} for hp, sc in zip(grid, scores)]}
 
-    def augmented_batches():
-        for x, y in aug_loader:
-            with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype,
-                                                 enabled=amp_dtype is not None):
-                h = net(x).float()
-            keep = y >= 0  # labelled images only
-            if keep.sum() >= 2:  # the heads' BatchNorm needs two
-                yield h[keep], y[keep]
+    def augmented(images):
+        """Batches of (features, labels) of random crops + flips of `images` (file indices), a
+        new draw every epoch: the standard linear evaluation's training views."""
+        view = ViewConfig(resolution=info["resolution"], jitter_p=0, grayscale_p=0)
+        loader = make_ssl_loader(args.train_beton, [view], min(args.batch_size, len(images)),
+                                 args.num_workers, args.seed, device=device, indices=images)
+
+        def batches():
+            for x, y in loader:
+                with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype,
+                                                     enabled=amp_dtype is not None):
+                    h = net(x).float()
+                yield h, y.clone()
+        return batches, len(loader)
 
     if args.augment:
-        view = ViewConfig(resolution=info["resolution"], jitter_p=0, grayscale_p=0)
-        aug_loader = make_ssl_loader(args.train_beton, [view], args.batch_size, args.num_workers,
-                                     args.seed, device=device,
-                                     indices=subset_indices(args.train_beton, args.train_subset,
-                                                            args.seed))
-        batches, steps = augmented_batches, len(aug_loader)
+        batches, steps = augmented(train_images)
     else:
         batches, steps = batches_of(train_x, train_y)
     for kind in args.heads:
@@ -361,9 +426,7 @@ def main(args: Args) -> dict:
         print(f"{kind:>6} probe: top-1 {100 * results[kind]['top1']:.2f}%{top5}  "
               f"{', '.join(f'{k} {v:g}' for k, v in hp.items())}{held}", flush=True)
     results["seconds"] = time.time() - start
-    out = args.out or os.path.join(os.path.dirname(args.backbone) or ".", "probe_" + (
-        f"random_init_seed{args.seed}" if args.random_init
-        else os.path.splitext(os.path.basename(args.backbone))[0]) + ".json")
+    out = results_path(args)
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out + ".tmp", "w") as f:
         json.dump({**results, "args": asdict(args)}, f, indent=1)
@@ -375,5 +438,5 @@ def main(args: Args) -> dict:
 if __name__ == "__main__":
     try:
         main(tyro.cli(Args, description=__doc__))
-    except (FileNotFoundError, ValueError) as err:
+    except (OSError, ValueError) as err:  # bad input: one line, no traceback
         sys.exit(f"error: {err}")

@@ -38,7 +38,7 @@ import tyro
 from ffcv_ssl_common import (LARS, NO_PREFIX, Clock, DataConfig, Logbook, NumericsConfig,
                              RunConfig, ViewConfig, backbone_rules, byol_views, check_data,
                              check_replicas, check_settings, epoch_resolution, evaluate,
-                             export_backbone, finish, make_backbone, make_eval_loader,
+                             export_backbone, finish, make_backbone, make_monitor_loader,
                              make_ssl_loader, open_run, parallel, probe_loss_of, resolve_stem,
                              resume, save_checkpoint, start_processes, subset_indices)
 
@@ -75,10 +75,11 @@ class Optim:
     """Passes over the training set; the learning-rate schedule spans all of them (with
     --time-budget-min: the most epochs trained)."""
     time_budget_min: float = 0.0
-    """Train for this many minutes of wall-clock instead (0: off): warm-up and cosine decay run
-    over the fraction of the budget used, so any machine ends its schedule on time; evaluation,
-    checkpoints and the loader's start-up are not counted. The steps trained then depend on the
-    machine's speed: a budgeted run is not bit-reproducible (log.jsonl has each step's lr)."""
+    """Train for at most this many minutes of wall-clock (0: no limit): the schedule then runs
+    over the budget, or over --epochs if they end first, so the run ends its schedule whichever
+    limit binds; evaluation, checkpoints and the loader's start-up are not counted. The steps
+    trained depend on the machine's speed: a budgeted run is not bit-reproducible (log.jsonl
+    has each step's lr)."""
     batch_size: int = 256
     """Global batch (split over DDP processes)."""
     optimizer: Literal["lars", "sgd", "adamw"] = "lars"
@@ -94,8 +95,11 @@ class Optim:
     momentum). The ImageNet recipes' 0.001 suits their many thousand steps; short runs need more
     (solo-learn's CIFAR recipes: 0.02)."""
     warmup_epochs: float = 10
-    """Linear warm-up, then cosine decay to 0 (with --time-budget-min: warm-up over the fraction
-    warmup_epochs / epochs of the budget)."""
+    """Linear warm-up, then cosine decay (with --time-budget-min: warm-up over the fraction
+    warmup_epochs / epochs of the schedule)."""
+    final_lr_ratio: float = 0.001
+    """Where the cosine ends, as a fraction of the peak (as the official code: end_lr = 0.001 x
+    base lr)."""
     probe_lr: float = 1e-3
     """Online linear probe (AdamW, its own optimiser)."""
 
@@ -149,6 +153,7 @@ def validate(args: Args) -> None:
         ("--momentum", o.momentum, 0 <= o.momentum < 1, "in [0, 1)"),
         ("--lars-eta", o.lars_eta, o.lars_eta > 0, "> 0"),
         ("--warmup-epochs", o.warmup_epochs, 0 <= o.warmup_epochs <= o.epochs, "in [0, --epochs]"),
+        ("--final-lr-ratio", o.final_lr_ratio, 0 <= o.final_lr_ratio <= 1, "in [0, 1]"),
         ("--probe-lr", o.probe_lr, o.probe_lr > 0, "> 0"),
         # ALGO LOGIC: the method's own settings
         ("--sim-coeff", args.loss.sim_coeff, args.loss.sim_coeff >= 0, ">= 0 (the paper: 25)"),
@@ -158,18 +163,26 @@ def validate(args: Args) -> None:
         part.validate()
     args.view1.validate("--view1.")
     args.view2.validate("--view2.")
+    if args.view2.resolution != args.view1.resolution:
+        raise ValueError(f"--view2.resolution {args.view2.resolution} differs from "
+                         f"--view1.resolution {args.view1.resolution}: the two views must have "
+                         f"one size (they are batched together; evaluation and export use it)")
 
 
 # ----------------------------------------------------------------------------------------------
 # Model: backbone + projector (+ the online probe, trained on detached features).
 # ----------------------------------------------------------------------------------------------
-def mlp(dims: tuple[int, ...], last_bias: bool = True) -> nn.Sequential:
-    """Linear-BN-ReLU for each hidden width, then a Linear (with a bias if `last_bias`)."""
+def mlp(dims: tuple[int, ...], last_bias: bool = True, last_bn: bool = False) -> nn.Sequential:
+    """Linear-BN-ReLU for each hidden width, then a Linear (with a bias if `last_bias`) and, with
+    `last_bn`, a BatchNorm that scales but does not shift (SimCLR's official head)."""
     layers = []
     for i in range(len(dims) - 2):
         layers += [nn.Linear(dims[i], dims[i + 1], bias=False), nn.BatchNorm1d(dims[i + 1]),
                    nn.ReLU(inplace=True)]
     layers.append(nn.Linear(dims[-2], dims[-1], bias=last_bias))
+    if last_bn:
+        layers.append(nn.BatchNorm1d(dims[-1]))
+        layers[-1].register_parameter("bias", None)  # TF's BatchNormalization(center=False)
     return nn.Sequential(*layers)
 
 
@@ -248,13 +261,14 @@ def make_optimizer(optim: Optim, model: nn.Module, lr: float) -> torch.optim.Opt
     return torch.optim.AdamW(groups, lr, weight_decay=optim.weight_decay)
 
 
-def learning_rate(progress: float, warmup: float, peak: float) -> float:
-    """`progress`: the fraction of training done (steps, or minutes of --time-budget-min).
-    Linear warm-up from 0 to `peak` over the first `warmup` of it, then cosine decay to 0."""
+def learning_rate(progress: float, warmup: float, peak: float, final: float = 0.0) -> float:
+    """`progress`: the fraction of the schedule done (Clock.progress). Linear warm-up from 0 to
+    `peak` over the first `warmup` of it, then cosine decay to `final` x peak."""
     if progress < warmup:
         return peak * progress / warmup
     after = (progress - warmup) / max(1e-12, 1 - warmup)
-    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, after)))
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, after)))
+    return peak * (cosine + final * (1 - cosine))
 
 
 def set_learning_rates(optim: Optim, optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -287,8 +301,8 @@ def main(args: Args) -> dict:
 
     loader_size = epoch_resolution(schedule, resolution, 0)
     train_loader = train_loader_at(loader_size)
-    val_loader = make_eval_loader(args.data.val_beton, resolution, 512, args.run.num_workers,
-                                  env.distributed, env.device, os_cache=args.run.os_cache)
+    val_loader = make_monitor_loader(args.data.val_beton, resolution, env, args.run,
+                                     args.data.eval_crop_ratio)
 
     # Model and optimisers
     model = VICReg(args, stem).to(env.device, memory_format=torch.channels_last)
@@ -320,7 +334,8 @@ def main(args: Args) -> dict:
         train_loader.next_epoch, train_loader.skip_batches = epoch, batch  # this epoch's order
         for x1, x2, y in log.epoch(train_loader, epoch, batch, steps_per_epoch):
             clock.start_step()  # training time runs from the batch's arrival
-            lr = learning_rate(clock.progress(step / total_steps), warmup, peak_lr)
+            lr = learning_rate(clock.progress(step / total_steps), warmup, peak_lr,
+                               args.optim.final_lr_ratio)
             set_learning_rates(args.optim, optimizer, lr)
             with torch.autocast(env.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 loss, probe_loss, terms = net(x1, x2, y)
@@ -328,7 +343,8 @@ def main(args: Args) -> dict:
             probe_optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss + probe_loss).backward()  # the scaler is a no-op without fp16
             scaler.step(optimizer)
-            scaler.step(probe_optimizer)
+            if train_loader.labelled:  # a batch of an unlabelled file leaves the probe alone
+                scaler.step(probe_optimizer)
             scaler.update()
             batch, step = batch + 1, step + 1
             log.step(step, loss, terms, lr)  # every 20 steps: a log line, a NaN check
@@ -351,7 +367,7 @@ def main(args: Args) -> dict:
 
     if not clock.signal:  # finished, or stopped by --max-steps: the backbone for probe.py
         export_backbone(model.backbone, args.run.out_dir, args.model.arch, args.model.width,
-                        resolution, METHOD, env)
+                        resolution, args.data.eval_crop_ratio, METHOD, env)
     log.close()  # curves.png; TensorBoard, wandb
     finish(env, clock, step)  # after a signal: exit status 128 + signal, to be resumed
     return result
@@ -360,5 +376,5 @@ def main(args: Args) -> dict:
 if __name__ == "__main__":
     try:
         main(tyro.cli(Args, description=__doc__))
-    except (FileNotFoundError, ValueError, FloatingPointError) as err:
+    except (OSError, ValueError, FloatingPointError) as err:  # one line, no traceback
         sys.exit(f"error: {err}")

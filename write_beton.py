@@ -10,22 +10,30 @@ Grayscale sources are stored as RGB so that every pipeline sees three channels. 
 under a temporary name and renamed when complete, so a file that exists is a finished one.
 """
 
+import _thread
+import contextlib
+import glob
 import gzip
+import multiprocessing
 import os
+import shutil
 import struct
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from typing import Literal
 
+import cv2
+import ffcv.writer
 import numpy as np
 import tyro
 from ffcv.fields import IntField, RGBImageField
 from ffcv.writer import DatasetWriter
 from PIL import Image
 
-from ffcv_ssl_common import check_settings
+from ffcv_ssl_common import check_settings, folder_problem
 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
@@ -189,11 +197,55 @@ class ImageFolderDataset:
         path, label = self.folder.samples[i]
         try:
             with Image.open(path) as image:
-                return image.convert("RGB"), label  # convert() decodes all of it: truncation shows
+                return rgb8(image), label  # decodes all of it: a truncation shows here
         except Exception as err:  # noqa: BLE001 - reported by the parent process
             with open(self.error_log, "a") as log:
                 log.write(f"{path}: {type(err).__name__}: {err}\n".replace("\n", " ") + "\n")
             return np.zeros((1, 1, 3), np.uint8), label
+
+
+def rgb8(image: Image.Image) -> np.ndarray:
+    """A PIL image as (H, W, 3) uint8. 16-bit grayscale (PNG "I;16", or "I" holding values above
+    255) is scaled to 8 bits: PIL's convert("RGB") clips it, storing white for nearly every
+    pixel. Other modes (palette, CMYK, alpha, ...) go through convert("RGB")."""
+    if image.mode.startswith("I"):
+        values = np.asarray(image, dtype=np.int64)
+        if image.mode.startswith("I;16") or values.max() > 255:
+            if values.min() < 0 or values.max() > 65535:
+                raise ValueError(f"{image.mode} pixels outside 0..65535")
+            values = (values * 255 + 32767) // 65535
+        gray = values.astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
+    if image.mode == "F":
+        raise ValueError("floating-point pixels (mode F): convert them to 8 bits first")
+    return np.asarray(image.convert("RGB"))
+
+
+class Prepared:
+    """What ffcv's writer processes read: each image as (H, W, 3) uint8, already within
+    --max-resolution (ffcv's own resize, with its rounding, but at least 1 pixel a side: a 2000 x
+    20 image at 64 px would get a side of 0 and kill a writer process). In a writer process, its
+    error output goes to a file the parent reads: a process that dies is reported in one line."""
+
+    def __init__(self, dataset, max_resolution: int | None, error_log: str):
+        self.dataset, self.max_resolution, self.error_log = dataset, max_resolution, error_log
+        self.parent, self.redirected = os.getpid(), False
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        if os.getpid() != self.parent and not self.redirected:
+            sys.stderr = open(f"{self.error_log}.{os.getpid()}", "a", buffering=1)
+            self.redirected = True
+        image, label = self.dataset[i]
+        image = rgb8(image) if isinstance(image, Image.Image) else np.asarray(image)
+        side = max(image.shape[:2])
+        if self.max_resolution and side > self.max_resolution:
+            ratio = self.max_resolution / side
+            size = np.maximum((ratio * np.array([image.shape[1], image.shape[0]])).astype(int), 1)
+            image = cv2.resize(image, tuple(int(v) for v in size), interpolation=cv2.INTER_AREA)
+        return np.ascontiguousarray(image), label
 
 
 def imagefolder(data_dir: str | None, error_log: str) -> dict:
@@ -207,6 +259,61 @@ def imagefolder(data_dir: str | None, error_log: str) -> dict:
 
 
 # ---- Writing ----
+class _WriterProcess(multiprocessing.Process):
+    """ffcv's writer processes, each recorded when started: the watchdog asks them how they
+    ended (a process that ended is no longer an active child, but its exit code stays)."""
+
+    started: list = []
+
+    def start(self):
+        _WriterProcess.started.append(self)
+        super().start()
+
+
+if not hasattr(ffcv.writer.Process, "started"):  # (once, even if this file runs twice)
+    ffcv.writer.Process = _WriterProcess  # the name ffcv's writer starts its processes with
+
+
+class Watchdog(threading.Thread):
+    """ffcv's writer waits, forever, for its processes to report every image: one that dies (a
+    full disk, an image its encoder refuses) hung the writer. This thread watches them and, when
+    one exits with an error, interrupts the main thread (KeyboardInterrupt there)."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.started = ffcv.writer.Process.started
+        self.started.clear()
+        self.failed, self.done = 0, False
+        self.start()
+
+    def run(self):
+        while not self.done:
+            failed = [p.exitcode for p in list(self.started) if p.exitcode not in (None, 0)]
+            if failed and not self.done:
+                self.failed = failed[0]
+                _thread.interrupt_main()
+                return
+            time.sleep(0.2)
+
+    def stop_writers(self, writer) -> None:
+        for child in self.started:
+            if child.exitcode is None:
+                child.terminate()
+                child.join(5)
+        with contextlib.suppress(Exception):
+            writer.metadata_sm.close()
+            writer.metadata_sm.unlink()
+
+
+def last_error(error_log: str, folder: str) -> str:
+    """The last line of what the writer processes printed (their traceback's), plus a hint."""
+    lines = []
+    for log in sorted(glob.glob(glob.escape(error_log) + ".*")):
+        lines += [line.strip() for line in open(log, errors="replace") if line.strip()]
+    last = lines[-1] if lines else "no message"
+    if "No space left" in last or shutil.disk_usage(folder).free < 2**20:
+        last += f"; free some space in {folder}"
+    return last
 def write_split(dataset, path: str, args: Args, error_log: str) -> None:
     indices = np.arange(len(dataset))
     if args.subset:
@@ -225,9 +332,21 @@ def write_split(dataset, path: str, args: Args, error_log: str) -> None:
                                dir=os.path.dirname(path) or ".")
     os.close(fd)
     start = time.time()
+    writer = DatasetWriter(tmp, fields, num_workers=args.num_workers)
+    watchdog = Watchdog()
     try:
-        DatasetWriter(tmp, fields, num_workers=args.num_workers).from_indexed_dataset(
-            dataset, indices=indices.tolist(), chunksize=100)
+        try:
+            writer.from_indexed_dataset(Prepared(dataset, args.max_resolution, error_log),
+                                        indices=indices.tolist(), chunksize=100)
+        except KeyboardInterrupt:
+            if not watchdog.failed:
+                raise  # the user's Ctrl-C
+            watchdog.stop_writers(writer)
+            raise SystemExit(f"error: a writer process failed while writing {path} (exit status "
+                             f"{watchdog.failed}: {last_error(error_log, os.path.dirname(tmp))}); "
+                             f"nothing was written") from None
+        finally:
+            watchdog.done = True
         if os.path.exists(error_log) and os.path.getsize(error_log):
             with open(error_log) as log:
                 bad = log.read().splitlines()
@@ -240,6 +359,8 @@ def write_split(dataset, path: str, args: Args, error_log: str) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+        for log in glob.glob(glob.escape(error_log) + ".*"):
+            os.remove(log)
     size = os.path.getsize(path) / 2**20
     print(f"wrote {path}: {len(indices)} images, {size:.1f} MiB, {time.time() - start:.1f} s")
 
@@ -260,6 +381,8 @@ def validate(args: Args) -> None:
                                                       args.name), "a file name prefix without /"),
         ("--out-dir", args.out_dir, args.out_dir.strip() != "", "a folder"),
     ]
+    problem = args.out_dir.strip() and folder_problem(args.out_dir)
+    rules.append(("--out-dir", args.out_dir, not problem, f"a folder you can write ({problem})"))
     try:
         check_settings(rules)
     except ValueError as err:

@@ -372,6 +372,21 @@ def test_crop_boxes_follow_torchvisions_distribution():
     assert r_ours.min() < np.log(0.8) and r_ours.max() > np.log(1.25)
 
 
+@pytest.mark.parametrize("H,W,scale,ratio", [
+    (100, 100, (1.0, 1.0), (2.0, 3.0)),      # too wide for the image: 10 tries fail, clamp
+    (300, 100, (0.9, 1.0), (1.5, 2.0)),      # a tall image asked for wide crops
+    (100, 300, (0.95, 1.0), (0.2, 0.25)),    # a wide image asked for tall crops
+    (120, 100, (1.0, 1.0), (0.5, 1.2)),      # the image's own ratio is in range: all of it
+])
+def test_crop_box_fallback_after_ten_tries_is_torchvisions(H, W, scale, ratio):
+    """Where no try fits (the tries are then deterministic), both samplers fall back to the
+    centre crop clamped to the ratio range: the very same box."""
+    key = np.uint64(C.sample_key(C.batch_key(np.arange(3, dtype=np.uint64), np.uint64(1)), 0))
+    ours = C.random_crop_box(key, H, W, np.array(scale), np.log(np.array(ratio)))
+    theirs = TVRandomResizedCrop.get_params(torch.zeros(3, H, W), list(scale), list(ratio))
+    assert tuple(int(v) for v in ours) == tuple(theirs)
+
+
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="odd"):
         C.RandomGaussianBlur(4)

@@ -51,7 +51,8 @@ def test_run_writes_logs_checkpoint_provenance_and_backbone(script, straight):
 def test_export_and_its_stem_description(script, straight):
     out = straight(script)
     meta = json.load(open(out / "backbone.json"))
-    assert meta == {"arch": "resnet18", "width": 64, "resolution": 16, "method": script[:-3],
+    assert meta == {"arch": "resnet18", "width": 64, "resolution": 16, "crop_ratio": 1.0,
+                    "method": script[:-3],
                     "stem": {"conv1": {"kernel_size": 3, "stride": 1, "padding": 1},
                              "maxpool": False}}
     net = load_exported_resnet18(out / "backbone.pt")
@@ -138,6 +139,27 @@ def test_torchrun_two_cpu_processes_keep_identical_weights(script, betons, tmp_p
     assert epoch["replicas_equal"] == 2 and epoch["step"] == 5  # 320 images / (2 x 32) per step
 
 
+def test_torchrun_resumes_mid_epoch_exactly_and_only_at_its_world_size(betons, tmp_path):
+    """2 processes stopped at step 3 of 5 and resumed end with the weights of 2 processes run
+    in one go, bit for bit; the checkpoint resumed by 1 process is refused in one line (each
+    process takes its share of every batch: the data order would not be the same)."""
+    import shutil
+
+    from conftest import method_args, run_in_process
+
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    run_method("simclr.py", betons, straight, "--epochs", "1", torchrun=True)
+    run_method("simclr.py", betons, stopped, "--epochs", "1", "--max-steps", "3", torchrun=True)
+    shutil.copytree(stopped, tmp_path / "alone")
+    resumed = run_method("simclr.py", betons, stopped, "--epochs", "1", torchrun=True)
+    assert "at epoch 0, batch 3 (step 3)" in resumed.stdout
+    assert same_weights(straight / "backbone.pt", stopped / "backbone.pt")
+    status, _, stderr = run_in_process("simclr.py", *method_args(
+        "simclr.py", betons, tmp_path / "alone", "--epochs", "1"))
+    assert status == 1 and "saved by a run of 2 process(es), this one has 1" in stderr
+    assert len(stderr.strip().splitlines()) == 1
+
+
 def test_time_budget_ends_the_schedule_on_time(betons, tmp_path, monkeypatch):
     """--time-budget-min: the learning rate follows the fraction of the budget used (warm-up, then
     cosine to ~0 when the budget is spent), training stops there mid-epoch with an evaluation and
@@ -217,3 +239,12 @@ def test_resolution_schedule_grows_the_views_and_resumes_exactly(betons, tmp_pat
     resumed = run_method("simclr.py", betons, stopped, *flags)
     assert "at epoch 1, batch 2 (step 7)" in resumed.stdout
     assert same_weights(straight / "backbone.pt", stopped / "backbone.pt")
+
+
+def test_epochs_that_end_inside_the_budget_still_end_the_schedule(betons, tmp_path):
+    """--time-budget-min 30 with 2 tiny epochs (seconds): the epochs bind, and the learning rate
+    still decays to ~0 by the last step (it followed the budget alone: ~peak at the end)."""
+    run_method("simclr.py", betons, tmp_path, "--warmup-epochs", "0", "--time-budget-min", "30")
+    steps = [json.loads(line) for line in open(tmp_path / "log.jsonl") if "probe_acc" in line]
+    peak = 1.0 * 64 / 256
+    assert steps[-1]["step"] == 10 and steps[-1]["lr"] < 0.05 * peak  # step 10 of 10

@@ -119,12 +119,10 @@ def test_noise_is_zero_mean_unclipped_and_reproducible():
                              "small")
     black = ((0 - torch.tensor(C.IMAGENET_MEAN)) / torch.tensor(C.IMAGENET_STD)).float()
     x = black.view(1, 3, 1, 1).expand(64, 3, 32, 32).contiguous()
-    noisy = model.add_noise(x)
+    noisy = model.add_noise(x, 1)
     grey_levels = (noisy - x) * torch.tensor(C.IMAGENET_STD).float().view(1, 3, 1, 1)
     assert abs(grey_levels.mean().item()) < 0.1  # 196,608 draws: standard error ~0.06
     assert grey_levels.std().item() == pytest.approx(0.1 * 255, rel=0.01)
     assert (grey_levels < 0).float().mean().item() == pytest.approx(0.5, abs=0.01)
-    assert torch.equal(model.add_noise(x), noisy)  # same calls count: same noise
-    model.calls += 1
-    assert not torch.equal(model.add_noise(x), noisy)  # the next step: new noise
-    assert "calls" in model.state_dict()  # saved in checkpoints: resumes draw the same noise
+    assert torch.equal(model.add_noise(x, 1), noisy)  # the same step: the same noise (resume)
+    assert not torch.equal(model.add_noise(x, 2), noisy)  # the next step: new noise

@@ -3,6 +3,7 @@ from backbone.json, damaged or foreign backbones refused in one line, unlabelled
 out, and a clean exit (numba once printed a KeyError traceback when a loader was collected)."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -103,11 +104,32 @@ def test_top5_only_with_more_than_five_classes():
     assert probe.topk(many, torch.tensor([6, 0])) == {"top1": 0.5, "top5": 0.5}
 
 
-def test_probe_on_augmented_views(betons, straight, tmp_path):
-    res = probe.main(probe.Args(**common(straight, betons, heads=("linear",), augment=True,
-                                         batch_size=64, out=str(tmp_path / "aug.json")),
-                                ))
-    assert res["augment"] and (tmp_path / "aug.json").exists()
+def test_augment_chooses_and_fits_the_heads_on_augmented_views(betons, straight, tmp_path,
+                                                               monkeypatch):
+    """With --augment every head trained (each candidate on the holdout's fit split, then the
+    chosen one) sees features of random crops + flips, not the cached centre crops' features;
+    without it, exactly those."""
+    seen = []
+    real = probe.train_head
+
+    def spy(kind, args, width, batches, *rest, **kw):
+        seen.append(next(iter(batches()))[0].cpu())
+        return real(kind, args, width, batches, *rest, **kw)
+
+    monkeypatch.setattr(probe, "train_head", spy)
+    base = common(straight, betons, heads=("linear",), batch_size=64, epochs=2, lr=(1e-3, 3e-2))
+    for augment in (False, True):
+        seen.clear()
+        res = probe.main(probe.Args(**base, augment=augment,
+                                    out=str(tmp_path / f"{augment}.json")))
+        centre = torch.load(res["features_cache"], weights_only=True)["train"][0]
+        assert len(seen) == 3 and len(res["linear"]["chosen"]["holdout_grid"]) == 2
+        for batch in seen:  # which rows are, exactly, some image's centre-crop features
+            cached = (batch[:, None, :] == centre[None]).all(-1).any(1)
+            if augment:
+                assert cached.float().mean() < 0.2
+            else:
+                assert cached.all()
 
 
 def test_plain_state_dict_with_arch_and_stem(betons, straight, tmp_path):
@@ -154,6 +176,38 @@ def test_damaged_or_foreign_backbones(betons, straight, tmp_path, damage):
     assert expected in str(err.value)
 
 
+@pytest.mark.parametrize("meta,says", [
+    ([1, 2], "holds a list, not an object"),
+    ({"arch": "resnet18", "stem": "small"}, "has a bad 'stem': 'small'"),
+    ({"arch": "resnet18", "stem": {"conv1": 3, "maxpool": False}}, "has a bad 'stem'"),
+    ({"arch": "resnet18", "resolution": 0}, "has a bad 'resolution': 0"),
+    ({"arch": "resnet18", "width": "32"}, "has a bad 'width': '32'"),
+    ({"arch": "resnet18", "crop_ratio": 1.5}, "has a bad 'crop_ratio': 1.5"),
+])
+def test_a_malformed_backbone_json_is_named_in_one_line(betons, straight, tmp_path, meta, says):
+    import json
+
+    shutil.copy(straight("simclr.py") / "backbone.pt", tmp_path / "backbone.pt")
+    (tmp_path / "backbone.json").write_text(json.dumps(meta))
+    args = {**common(straight, betons), "backbone": str(tmp_path / "backbone.pt")}
+    with pytest.raises(ValueError, match=re.escape(says)) as err:
+        probe.main(probe.Args(**args))
+    assert "\n" not in str(err.value) and "backbone.json" in str(err.value)
+
+
+def test_results_go_where_they_can_be_written(betons, straight, tmp_path):
+    """--out under a file, or a backbone in a folder that is not writable: one line before
+    anything slow (the features cache goes beside the results, never beside the backbone)."""
+    (tmp_path / "afile").write_text("x")
+    args = common(straight, betons, out=str(tmp_path / "afile" / "probe.json"))
+    with pytest.raises(ValueError, match="afile is a file, not a folder; pass --out"):
+        probe.validate(probe.Args(**args))
+    res = probe.main(probe.Args(**common(straight, betons, heads=("knn",), crop_ratio=0.5,
+                                         out=str(tmp_path / "r" / "p.json"))))
+    assert res["features_cache"].startswith(str(tmp_path / "r" / "probe_cache"))
+    assert res["crop_ratio"] == 0.5
+
+
 def test_unlabelled_training_images_are_left_out(betons, straight, unlabelled_beton):
     args = common(straight, betons, heads=("knn",))
     args["train_beton"] = unlabelled_beton
@@ -195,3 +249,25 @@ def test_hyper_parameters_are_chosen_on_the_holdout_and_the_test_split_scored_on
     assert again["top1"] == res["knn"]["chosen"]["holdout_top1"]
     with pytest.raises(ValueError, match="--holdout 0 with several values"):
         probe.main(probe.Args(**common(straight, betons, heads=("knn",), holdout=0.0)))
+
+
+@pytest.mark.parametrize("head", ["linear", "mlp"])
+def test_a_head_s_learning_rate_is_chosen_on_the_holdout(betons, straight, monkeypatch, head):
+    """Each learning rate trains on the fit split and is scored on the 80 held-out training
+    images; the best one is then trained on all 320 and scored once on the 100 test images."""
+    calls = []
+    real = probe.train_head
+
+    def recording(kind, args, width, batches, val_x, val_y, steps, lr, weight_decay):
+        res = real(kind, args, width, batches, val_x, val_y, steps, lr, weight_decay)
+        calls.append((kind, sum(len(y) for _, y in batches()), len(val_y), lr, res["top1"]))
+        return res
+
+    monkeypatch.setattr(probe, "train_head", recording)
+    lrs = (1e-4, 3e-2)  # one far too small for 3 epochs: the holdout tells them apart
+    res = probe.main(probe.Args(**common(straight, betons, heads=(head,), lr=lrs, epochs=3,
+                                         batch_size=64, holdout=0.25)))
+    assert [c[:4] for c in calls[:2]] == [(head, 240, 80, lrs[0]), (head, 240, 80, lrs[1])]
+    best = lrs[int(np.argmax([c[4] for c in calls[:2]]))]
+    assert res[head]["chosen"]["lr"] == best == calls[2][3] and calls[2][1:3] == (320, 100)
+    assert res[head]["top1"] == calls[2][4] and len(calls) == 3

@@ -6,6 +6,7 @@ precision, the monitors, and the seed streams of the augmentations."""
 import json
 import math
 import os
+import re
 import signal
 
 import pytest
@@ -73,13 +74,25 @@ def test_clock_counts_steps_not_the_wait_for_the_first_batch_nor_checkpoints(fak
                                                                            restore_signals):
     c = clock(budget_min=1.0)
     steps(c, 1, 10, seconds=2.0, wait=30.0, fake=fake_time)  # 30 s of pipeline compilation
-    assert c.elapsed == pytest.approx(20.0) and c.progress(0.99) == pytest.approx(20 / 60)
+    assert c.elapsed == pytest.approx(20.0) and c.progress(0.1) == pytest.approx(20 / 60)
     c.saved()
     fake_time.now += 5.0  # saving, evaluating, the next epoch's first batch: not training
     steps(c, 11, 5, seconds=2.0, fake=fake_time)
     assert c.elapsed == pytest.approx(30.0) and not c.spent
     steps(c, 16, 15, seconds=2.0, fake=fake_time)
     assert c.elapsed == pytest.approx(60.0) and c.spent and not c.stop
+
+
+def test_the_schedule_ends_with_whichever_limit_binds_first(fake_time, restore_signals):
+    """With --time-budget-min the schedule follows the nearer of the two ends: a fast machine
+    whose --epochs end inside the budget still ends its cosine (it stopped at 0.59 x the peak
+    lr with the budget alone), and a slow one ends on time."""
+    c = clock(budget_min=60.0)
+    steps(c, 1, 100, seconds=18.0, fake=fake_time)  # 30 of the 60 minutes: the epochs ran out
+    assert c.progress(1.0) == 1.0
+    slow = clock(budget_min=1.0)
+    steps(slow, 1, 30, seconds=2.0, fake=fake_time)  # the budget is spent after a tenth
+    assert slow.progress(0.1) == pytest.approx(1.0) and slow.spent
 
 
 def test_clock_without_a_budget_follows_the_steps(fake_time, restore_signals):
@@ -214,10 +227,10 @@ def test_export_contract(tmp_path, stem, width):
     with torch.no_grad():
         for p in net.parameters():
             p.add_(torch.randn_like(p) * 0.01)  # "trained": not the init
-    C.export_backbone(net, str(tmp_path), "resnet18", width, 32, "simclr", ENV)
+    C.export_backbone(net, str(tmp_path), "resnet18", width, 32, 0.875, "simclr", ENV)
     meta = json.load(open(tmp_path / "backbone.json"))
     assert meta == {"arch": "resnet18", "width": width, "stem": C.STEMS[stem], "resolution": 32,
-                    "method": "simclr"}
+                    "crop_ratio": 0.875, "method": "simclr"}
     user = torchvision.models.resnet18() if width == 64 else C.ScaledResNet("resnet18", width,
                                                                            False)
     user.fc = nn.Identity()
@@ -423,3 +436,153 @@ def test_knn_leave_one_out_against_a_loop():
     got = C.knn_leave_one_out(feats, labels, k=k, temperature=t)
     assert got == pytest.approx(correct / len(feats), abs=1 / len(feats))  # a tie at most
     assert 0.5 < got < 1  # separable enough to beat chance (0.25), noisy enough to err
+
+
+def _clock_worker(rank, world, port, out):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    fake = FakeTime()
+    C.time = fake  # each process its own fake seconds: rank 1 is twice as slow
+    env = C.Env(torch.device("cpu"), rank, world, 8, None, False)
+    c = C.Clock(10.0, C.RunConfig(out_dir="unused"), env, None)
+    seen = []
+    for step in range(1, 61):
+        if rank == 1 and step == 25:
+            c.caught["signal"] = signal.SIGUSR1  # caught by rank 1 only
+        c.start_step()
+        fake.now += 1.0 * (1 + rank)
+        c.end_step(step)
+        seen.append((c.elapsed, c.signal, c.stop))
+        if c.stop:
+            break
+    out[rank] = seen
+    dist.destroy_process_group()
+
+
+def test_ddp_processes_agree_every_20_steps_on_time_and_signals():
+    """Two gloo processes, one twice as slow, rank 1 alone catching SIGUSR1 at step 25: both
+    see the same training time at every step (the slower one's at each agreement, extrapolated
+    in between) and both stop at step 40, the next agreement, with the same signal."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = mp.Manager().dict()
+    mp.spawn(_clock_worker, args=(2, port, out), nprocs=2, join=True)
+    assert out[0] == out[1] and len(out[0]) == 40
+    elapsed = [e for e, _, _ in out[0]]
+    assert elapsed[19] == pytest.approx(40.0) and elapsed[39] == pytest.approx(80.0)
+    assert elapsed[29] == pytest.approx(60.0)  # extrapolated: 2 s per step since step 20
+    assert out[0][-1][1:] == (signal.SIGUSR1, True) and not any(st for _, _, st in out[0][:-1])
+
+
+def test_non_finite_weights_are_never_saved_nor_exported(tmp_path, fake_time, restore_signals):
+    args = C.with_settings(simclr.Args(), out_dir=str(tmp_path))
+    model = tiny_model()
+    c, log = clock(out_dir=str(tmp_path)), C.Logbook(args, "simclr", ENV, None, 1)
+    C.save_checkpoint(args, "simclr", ENV, {"model": model}, (0, 1, 1), c, log)
+    good = (tmp_path / "checkpoint.pt").read_bytes()
+    with torch.no_grad():
+        model[1].running_var[2] = float("inf")  # a buffer counts too
+    with pytest.raises(FloatingPointError, match=r"not finite at step 2 \(first: 1.running_var\)"):
+        C.save_checkpoint(args, "simclr", ENV, {"model": model}, (0, 2, 2), c, log)
+    assert (tmp_path / "checkpoint.pt").read_bytes() == good  # the last good one is kept
+    with pytest.raises(FloatingPointError, match="not finite"):
+        C.export_backbone(model, str(tmp_path), "resnet18", 64, 32, 1.0, "simclr", ENV)
+    assert not (tmp_path / "backbone.pt").exists()
+
+
+RESOLVED = {"device": "cpu", "world": 2, "precision": "bf16",
+            "data": [{"path": "/d/a.beton", "bytes": 10, "images": 5, "sha256": "ab"}]}
+
+
+@pytest.mark.parametrize("change,says", [
+    ({"world": 1}, "saved by a run of 2 process(es), this one has 1"),
+    ({"precision": "fp32", "device": "cuda:0"}, "trained in bf16, this run computes in fp32 (on cuda:0): pass --precision bf16"),
+    ({"data": [{**RESOLVED["data"][0], "sha256": "cd"}]}, "/d/a.beton is not the file the "
+                                                           "checkpoint trained on"),
+])
+def test_a_resume_keeps_the_world_size_the_precision_and_the_data(change, says):
+    C.check_same_run("ckpt.pt", RESOLVED, RESOLVED)
+    with pytest.raises(ValueError, match=re.escape(says)) as err:
+        C.check_same_run("ckpt.pt", RESOLVED, {**RESOLVED, **change})
+    assert "--no-resume" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_fingerprint_sees_a_file_rewritten_with_other_images(tmp_path):
+    """Same name, same image count, same size (raw 28 px images): other pixels."""
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+    import numpy as np
+
+    def write(seed):
+        rng = np.random.default_rng(seed)
+        data = [(rng.integers(0, 256, (28, 28, 3), dtype=np.uint8), i % 3) for i in range(50)]
+        DatasetWriter(str(tmp_path / "a.beton"), {"image": RGBImageField(), "label": IntField()},
+                      num_workers=1).from_indexed_dataset(data)
+        return C.fingerprint(str(tmp_path / "a.beton"))
+
+    first, again, other = write(0), write(0), write(1)
+    assert first == again and first["bytes"] == other["bytes"] and first["images"] == 50
+    assert first["sha256"] != other["sha256"]
+
+
+def test_one_run_per_out_dir(tmp_path):
+    """A second process into the same --out-dir is refused, naming the one that holds it; the
+    same process may start its next run there (a run of its own that is over)."""
+    import subprocess
+    import sys
+
+    C.lock_out_dir(str(tmp_path))
+    C.lock_out_dir(str(tmp_path))  # this process again: fine
+    script = ("import sys; sys.path.insert(0, sys.argv[1]); import ffcv_ssl_common as C\n"
+              "try:\n    C.lock_out_dir(sys.argv[2])\nexcept ValueError as e:\n    print(e)")
+    done = subprocess.run([sys.executable, "-c", script, os.path.dirname(C.__file__),
+                           str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert f"is in use by another run (process {os.getpid()} on" in done.stdout, done.stderr
+    C.release_out_dirs()
+    done = subprocess.run([sys.executable, "-c", script, os.path.dirname(C.__file__),
+                           str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert done.stdout == ""  # free again
+
+
+def test_folders_that_cannot_be_written_are_named(tmp_path):
+    afile = tmp_path / "afile.txt"
+    afile.write_text("x")
+    assert C.folder_problem(str(afile / "sub")) == f"{afile} is a file, not a folder"
+    assert C.folder_problem(str(tmp_path / "new" / "deeper")) is None
+    with pytest.raises(ValueError, match="^--out-dir .*afile.txt is a file, not a folder"):
+        C.RunConfig(out_dir=str(afile / "sub")).validate()
+
+
+def test_a_log_shorter_than_the_checkpoint_says_is_not_padded(tmp_path):
+    """A resume cuts log.jsonl back to its length at the checkpoint; a log that was shortened
+    or deleted meanwhile is left as it is (truncate() would append zero bytes), and curves.png
+    is drawn from whatever lines parse."""
+    args = C.with_settings(simclr.Args(), out_dir=str(tmp_path))
+    (tmp_path / "log.jsonl").write_text('{"step": 20, "loss": 1.0, "lr": 0.1}\n{"step": 4')
+    C.Logbook(args, "simclr", ENV, {"sums": None, "log_bytes": 10_000}, 1).close()
+    assert b"\0" not in (tmp_path / "log.jsonl").read_bytes()
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+
+
+def test_a_failed_save_keeps_the_previous_file_and_says_so(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    C.save_atomic({"a": torch.zeros(2)}, str(path))
+    good = path.read_bytes()
+
+    def full_disk(obj, f):
+        open(f, "wb").write(b"half")
+        raise RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter "
+                           "failed writing file data/0: file write failed")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match="cannot write .*checkpoint.pt .*file write failed.*the "
+                                      "previous version, if any, is kept"):
+        C.save_atomic({"a": torch.ones(2)}, str(path))
+    assert path.read_bytes() == good and os.listdir(tmp_path) == ["checkpoint.pt"]

@@ -65,7 +65,7 @@ def test_loss_is_fp32_under_bf16_autocast(module, loss_of):
     x1, x2, y = torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16), torch.arange(8) % 10
     with torch.autocast("cpu", dtype=torch.bfloat16):
         if module == "instance_simclr":
-            loss = model(x1, x2, [torch.randn(8, 3, 16, 16)], y)[0]
+            loss = model(x1, x2, [torch.randn(8, 3, 16, 16)], y, 0)[0]
         else:
             loss = model(x1, x2, y)[0]
     assert outputs[0].dtype == torch.bfloat16  # the network did run under autocast
@@ -115,11 +115,30 @@ def test_schedule_values():
     assert learning_rate(0.3, 0.0, peak) == pytest.approx(cosine)
     values = [learning_rate(s / 1000, warm, peak) for s in range(100, 1001)]
     assert all(a >= b for a, b in zip(values, values[1:]))  # cosine decays monotonically
+    # Barlow Twins' and VICReg's official schedule: lr = peak (q + 0.001 (1 - q)), q the cosine
+    q = 0.5 * (1 + math.cos(math.pi * (0.55 - warm) / (1 - warm)))
+    assert learning_rate(0.55, warm, peak, 0.001) == pytest.approx(peak * (q + 0.001 * (1 - q)))
+    assert learning_rate(1.0, warm, peak, 0.001) == pytest.approx(0.001 * peak)
+    assert learning_rate(0.1, warm, peak, 0.001) == pytest.approx(peak)
 
 
 def test_projector_last_bias():
     assert simclr.mlp((8, 16, 4))[-1].bias is not None
     assert simclr.mlp((8, 16, 4), last_bias=False)[-1].bias is None
+
+
+def test_simclr_projector_is_the_official_head():
+    """SimCLR's ProjectionHead (tf2/model.py): the last layer has no bias and a BatchNorm with
+    center=False: it scales each dimension and never shifts it."""
+    model = simclr.SimCLR(with_settings(simclr.Args(), projector_dims=(16, 4)), "small")
+    linear, bn = model.projector[-2], model.projector[-1]
+    assert isinstance(bn, nn.BatchNorm1d) and bn.bias is None and bn.weight is not None
+    assert isinstance(linear, nn.Linear) and linear.bias is None
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([1.0, 2.0, 3.0, 0.5]))
+    z = model.projector(torch.randn(256, 512))
+    torch.testing.assert_close(z.mean(0), torch.zeros(4), atol=1e-5, rtol=0)
+    torch.testing.assert_close(z.std(0, unbiased=False), bn.weight.detach(), atol=1e-3, rtol=0)
 
 
 def test_projector_depth_and_widths():

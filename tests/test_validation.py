@@ -130,6 +130,26 @@ def test_write_beton_rules(field, value, flag):
         write_beton.validate(replace(write_beton.Args(), **{field: value}))
 
 
+@pytest.mark.parametrize("name", ["simclr", "barlowtwins", "vicreg"])
+def test_views_of_two_sizes_are_refused(name, betons):
+    """simclr.py concatenated them into a traceback; Barlow Twins and VICReg evaluated and
+    exported at view 1's size without a word."""
+    m = importlib.import_module(name)
+    good = with_settings(m.Args(), train_beton=(betons["train"],), val_beton=betons["val"])
+    bad = replace(good, view1=replace(good.view1, resolution=64))
+    with pytest.raises(ValueError, match="^--view2.resolution 32 differs from --view1.resolution "
+                                         "64: the two views must have one size"):
+        m.validate(bad)
+    m.validate(replace(bad, view2=replace(good.view2, resolution=64)))
+
+
+def test_an_empty_train_beton_list_is_named(betons):
+    import simclr
+
+    with pytest.raises(ValueError, match=r"^--train-beton \(\): must be one or more .beton"):
+        simclr.validate(with_settings(simclr.Args(), train_beton=()))
+
+
 def test_labels_out_of_range(betons, unlabelled_beton):
     from ffcv_ssl_common import check_labels
 

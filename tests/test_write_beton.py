@@ -170,3 +170,98 @@ def test_val_split_takes_the_training_splits_classes(tmp_path):
     with pytest.raises(SystemExit, match="class folder.*zebra.*training split lacks"):
         write_beton.main(args(dataset="imagefolder", data_dir=str(root),
                               out_dir=str(tmp_path / "out2")))
+
+
+def image_folder(root, images):
+    """root/{train,val}/c0/<k>.png from a list of PIL images (both splits the same)."""
+    for split in ("train", "val"):
+        folder = root / split / "c0"
+        folder.mkdir(parents=True)
+        for k, image in enumerate(images):
+            image.save(folder / f"{k}.png")
+    return root
+
+
+def test_a_16_bit_grayscale_png_is_scaled_to_8_bits_not_stored_white(tmp_path):
+    """PIL's convert("RGB") clips 16-bit values: every pixel above 255 became 255."""
+    from PIL import Image
+
+    ramp = (np.arange(64 * 64, dtype=np.int64).reshape(64, 64) * 16).astype(np.uint16)
+    image = Image.fromarray(ramp)  # mode I;16: 0 .. 65520
+    assert image.mode.startswith("I;16")
+    root = image_folder(tmp_path / "src", [image])
+    write_beton.main(write_beton.Args(dataset="imagefolder", data_dir=str(root),
+                                      out_dir=str(tmp_path), name="deep", num_workers=1))
+    stored = write_beton.rgb8(image)
+    assert stored.shape == (64, 64, 3) and (stored[..., 0] == stored[..., 2]).all()
+    np.testing.assert_array_equal(stored[..., 0], np.round(ramp / 257).astype(np.uint8))
+    reader = Reader(str(tmp_path / "deep_train.beton"))
+    assert reader.num_samples == 1
+    import ffcv_ssl_common as C
+
+    x, _ = next(iter(C.make_eval_loader(str(tmp_path / "deep_train.beton"), 64, 1,
+                                        normalize=False)))
+    np.testing.assert_array_equal(x[0, 0].numpy(), stored[..., 0])  # not all white
+
+
+def test_a_side_that_the_resize_would_make_zero_is_kept_at_one_pixel(tmp_path):
+    """A 2000 x 20 image at --max-resolution 64: ffcv's resize gives 64 x 0, and its writer
+    process died with the parent waiting forever. Now it is stored as 64 x 1."""
+    from PIL import Image
+
+    wide = Image.fromarray(np.full((20, 2000, 3), 200, np.uint8))
+    root = image_folder(tmp_path / "src", [wide, Image.fromarray(np.zeros((30, 30, 3), np.uint8))])
+    write_beton.main(write_beton.Args(dataset="imagefolder", data_dir=str(root), num_workers=2,
+                                      out_dir=str(tmp_path), name="wide", max_resolution=64))
+    meta = Reader(str(tmp_path / "wide_train.beton")).metadata["f0"]
+    assert sorted(zip(meta["width"].tolist(), meta["height"].tolist())) == [(30, 30), (64, 1)]
+
+
+def test_a_writer_process_that_dies_ends_the_write_in_one_line(tmp_path, monkeypatch):
+    """A full disk (or any error inside ffcv's writer processes, after our images are read):
+    the parent used to wait forever. The test makes one process fail as a full disk does."""
+    import signal
+
+    import ffcv.writer
+
+    real = ffcv.writer.handle_sample
+
+    def full_disk(sample, dest_ix, *rest):
+        if dest_ix == 150:
+            raise OSError(28, "No space left on device")
+        return real(sample, dest_ix, *rest)
+
+    monkeypatch.setattr(ffcv.writer, "handle_sample", full_disk)  # forked: the workers' too
+    from conftest import label_images, write_idx
+
+    for prefix in ("train", "t10k"):
+        images, labels = label_images(300)
+        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    def hung(signum, frame):
+        raise TimeoutError("write_beton.main hung after a writer process died")
+
+    previous = signal.signal(signal.SIGALRM, hung)  # a hang fails this test, not the suite
+    signal.alarm(120)
+    try:
+        with pytest.raises(SystemExit) as err:
+            write_beton.main(write_beton.Args(data_dir=str(tmp_path), out_dir=str(tmp_path / "o"),
+                                              name="full", num_workers=2))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    message = str(err.value)
+    assert message.startswith("error: a writer process failed") and "\n" not in message
+    assert "No space left on device" in message and "nothing was written" in message
+    assert os.listdir(tmp_path / "o") == []  # no .beton, no temporary file, no logs
+
+
+def test_an_out_dir_that_cannot_be_written_is_refused_first(tmp_path, monkeypatch):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(SystemExit, match="^error: --out-dir .*afile is a file, not a folder"):
+        write_beton.validate(write_beton.Args(out_dir=str(tmp_path / "afile" / "sub")))
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(tmp_path) else
+                        real(p, mode))  # a read-only folder (this test may run as root)
+    with pytest.raises(SystemExit, match=f"^error: --out-dir .*{tmp_path} is not writable"):
+        write_beton.validate(write_beton.Args(out_dir=str(tmp_path)))

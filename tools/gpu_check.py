@@ -88,7 +88,7 @@ def forward(module, model, x1, x2, y, bf16=False, dtype=None):
     dtype = torch.bfloat16 if bf16 else dtype
     with torch.autocast(x1.device.type, dtype=dtype, enabled=dtype is not None):
         if module is instance_simclr:
-            return model(x1, x2, [x2.flip(3)], y)
+            return model(x1, x2, [x2.flip(3)], y, 0)
         return model(x1, x2, y)
 
 
