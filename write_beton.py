@@ -3,7 +3,7 @@
     python write_beton.py                                  # Fashion-MNIST, offline (Debian package)
     python write_beton.py --dataset cifar10 --data-dir ~/data/cifar10          # torchvision layout
     python write_beton.py --dataset imagefolder --data-dir /data/imagenet --name imagenet \
-        --max-resolution 256 --write-mode proportion --compress-probability 0.5 --jpeg-quality 90
+        --max-short-side 256 --write-mode proportion --compress-probability 0.5 --jpeg-quality 90
 
 Writes `<out-dir>/<name>_<split>.beton` (train and val; STL-10 also has `unlabeled`, label -1).
 Grayscale sources are stored as RGB so that every pipeline sees three channels. Each file is written
@@ -52,6 +52,10 @@ class Args:
     """File name prefix (default: the data set's name)."""
     max_resolution: int | None = None
     """Downscale images whose longer side exceeds this (None keeps the original size)."""
+    max_short_side: int | None = None
+    """Downscale images whose shorter side exceeds this, keeping the aspect ratio (None: keep):
+    ImageNet's usual 256 keeps every image at least as large as 224 px views, where
+    --max-resolution 256 would leave the short side of a 4:3 photo at 192."""
     write_mode: Literal["raw", "jpg", "proportion", "smart"] = "raw"
     """raw: uint8 pixels (fastest to read); jpg: JPEG (smallest); proportion: JPEG for a random
     share of the images (compress_probability); smart: JPEG when raw would exceed smart_threshold."""
@@ -227,8 +231,10 @@ class Prepared:
     20 image at 64 px would get a side of 0 and kill a writer process). In a writer process, its
     error output goes to a file the parent reads: a process that dies is reported in one line."""
 
-    def __init__(self, dataset, max_resolution: int | None, error_log: str):
+    def __init__(self, dataset, max_resolution: int | None, error_log: str,
+                 max_short_side: int | None = None):
         self.dataset, self.max_resolution, self.error_log = dataset, max_resolution, error_log
+        self.max_short_side = max_short_side
         self.parent, self.redirected = os.getpid(), False
 
     def __len__(self):
@@ -240,9 +246,12 @@ class Prepared:
             self.redirected = True
         image, label = self.dataset[i]
         image = rgb8(image) if isinstance(image, Image.Image) else np.asarray(image)
-        side = max(image.shape[:2])
-        if self.max_resolution and side > self.max_resolution:
-            ratio = self.max_resolution / side
+        ratio = 1.0
+        if self.max_short_side and min(image.shape[:2]) > self.max_short_side:
+            ratio = self.max_short_side / min(image.shape[:2])
+        if self.max_resolution and max(image.shape[:2]) * ratio > self.max_resolution:
+            ratio = self.max_resolution / max(image.shape[:2])
+        if ratio < 1:
             size = np.maximum((ratio * np.array([image.shape[1], image.shape[0]])).astype(int), 1)
             image = cv2.resize(image, tuple(int(v) for v in size), interpolation=cv2.INTER_AREA)
         return np.ascontiguousarray(image), label
@@ -336,7 +345,8 @@ def write_split(dataset, path: str, args: Args, error_log: str) -> None:
     watchdog = Watchdog()
     try:
         try:
-            writer.from_indexed_dataset(Prepared(dataset, args.max_resolution, error_log),
+            writer.from_indexed_dataset(Prepared(dataset, args.max_resolution, error_log,
+                                                 args.max_short_side),
                                         indices=indices.tolist(), chunksize=100)
         except KeyboardInterrupt:
             if not watchdog.failed:
@@ -373,6 +383,8 @@ def validate(args: Args) -> None:
          0.0 <= args.compress_probability <= 1.0, "a probability in [0, 1]"),
         ("--max-resolution", args.max_resolution,
          args.max_resolution is None or args.max_resolution >= 8, ">= 8 pixels"),
+        ("--max-short-side", args.max_short_side,
+         args.max_short_side is None or args.max_short_side >= 8, ">= 8 pixels"),
         ("--smart-threshold", args.smart_threshold, args.smart_threshold >= 0, ">= 0 bytes"),
         ("--num-workers", args.num_workers, args.num_workers >= 1, "an integer >= 1"),
         ("--subset", args.subset, args.subset >= 0, ">= 0 (0 keeps all)"),

@@ -12,12 +12,11 @@ holdout of the training images) on the trained backbone and on the same architec
 weights for several seeds, and prints a table: the random init as mean and standard deviation over
 the seeds, the gain as trained minus that mean. The table also goes to <out>/table.md.
 
-The recipe (CPU_RECIPE below): ResNet-18 at half width (--width 32) with the stride-2 small
-stem and torchvision's init at 28 px; SimCLR batch 64 with AdamW, the others LARS with solo-learn's
-CIFAR settings (VICReg batch 128, Barlow Twins 64); see the README's "Does it learn?" for what
-was measured and why. Arguments this script does not know go to the method's script (e.g.
-`--batch-size 256`, `--width 64`) and override the recipe; `--precision` goes to the method's
-script and to the probes.
+The recipe is recipes/fashion-mnist-cpu.sh (ResNet-18 at half width, --width 32, with the
+stride-2 small stem and torchvision's init at 28 px; SimCLR batch 64 with AdamW, the others LARS
+with solo-learn's CIFAR settings); docs/cpu-recipe.md says how it was found. Arguments this script
+does not know go to the method's script (e.g. `--batch-size 256`, `--width 64`) and override the
+recipe; `--precision` goes to the method's script and to the probes.
 """
 
 import json
@@ -30,38 +29,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMES = {"simclr": "SimCLR", "instance_simclr": "instance SimCLR", "barlowtwins": "Barlow Twins",
          "vicreg": "VICReg"}
-# Short CPU runs: ResNet-18 at half width (--width 32: a quarter of the multiply-adds, ~4x
-# faster steps on the CPU, so that the slowest build machine trains enough steps in the budget),
-# the cheap stride-2 stem (3x faster steps than the stride-1 small stem at 28 px), torchvision's
-# init (zero_init_residual costs ~5 points after 100 steps), batch 128, warm-up over the first
-# 3% of the budget (warmup_epochs / epochs of it); for Barlow Twins and VICReg no blur at
-# 28 px and projectors of 2048 or less (8192 doubled the step time), as solo-learn's CIFAR recipes.
-# Each choice below was measured (README, "Does it learn?"); instance SimCLR keeps its file's LARS
-# settings (eta 0.02 made it worse).
-ARCH = ["--width", "32", "--stem", "small-stride2", "--no-zero-init-residual",
-        "--batch-size", "128", "--epochs", "100", "--warmup-epochs", "3"]
-VIEWS = ["--view1.resolution", "28", "--view2.resolution", "28"]
-NO_BLUR = ["--view1.blur-p", "0", "--view2.blur-p", "0"]
-CROP_03 = ["--view1.crop-scale", "0.3", "1", "--view2.crop-scale", "0.3", "1"]
-LARS_SHORT = ["--base-lr", "0.3", "--weight-decay", "1e-4", "--lars-eta", "0.02"]
-CPU_RECIPE = {
-    # SimCLR: batch 64 (more steps per minute learn more than bigger batches in a few minutes),
-    # AdamW peak lr 2e-3, crops of 30-100% of the image, a 512-128 projector (README's table).
-    "simclr": ARCH + VIEWS + ["--batch-size", "64", "--optimizer", "adamw", "--base-lr", "8e-3",
-                              "--weight-decay", "1e-4", "--temperature", "0.2",
-                              *CROP_03, "--projector-dims", "512", "128"],
-    # Barlow Twins: the same LARS settings (biases and BatchNorm keep the file's base lr 0.0048) at
-    # batch 64, crops of 30-100%, a 1024-wide projector: the best of the README's 5-minute trials
-    # (81.9% linear), still short of +3 over random init.
-    "barlowtwins": ARCH + VIEWS + NO_BLUR + LARS_SHORT + CROP_03 + [
-        "--batch-size", "64", "--projector-dims", "1024", "1024", "1024"],
-    # VICReg: solo-learn's CIFAR LARS settings (lr 0.3, weight decay 1e-4, eta 0.02: the ImageNet
-    # eta 0.001 moves the weights 20x less per step, too little for a few hundred steps) and
-    # SimCLR's gentler crops (README: 5-minute trials, 78.3% -> 82.9% -> 84.4% linear).
-    "vicreg": ARCH + VIEWS + NO_BLUR + LARS_SHORT + CROP_03 + ["--projector-dims", "2048", "2048",
-                                                               "2048"],
-    "instance_simclr": ARCH + ["--resolution", "28"],
-}
+METHODS = ("simclr", "barlowtwins", "vicreg", "instance_simclr")
+RECIPE = os.path.join(ROOT, "recipes", "fashion-mnist-cpu.sh")  # the CPU recipe, in one place
 QUICK_BUDGET_MIN = 6.0  # the main job's training minutes (README: the whole job's time)
 FULL_BUDGET_MIN = 20.0
 
@@ -88,8 +57,8 @@ def take(extra, flag, count=1, default=None):
 def main(extra):
     quick = take(extra, "--quick", 0) is not None
     method = (take(extra, "--method") or ["simclr"])[0]
-    if method not in CPU_RECIPE:
-        sys.exit(f"error: unknown --method {method!r}; choose one of {', '.join(CPU_RECIPE)}")
+    if method not in METHODS:
+        sys.exit(f"error: unknown --method {method!r}; choose one of {', '.join(METHODS)}")
     budget = float((take(extra, "--budget-min") or [QUICK_BUDGET_MIN if quick else
                                                     FULL_BUDGET_MIN])[0])
     seeds = [int(s) for s in take(extra, "--seeds", -1, ["0", "1", "2"])]
@@ -105,10 +74,11 @@ def main(extra):
     if not all(os.path.exists(os.path.join(ROOT, p)) for p in data):
         run([py, "write_beton.py"])
     data_flags = ["--train-beton", data[0], "--val-beton", data[1]]
-    recipe = CPU_RECIPE[method] + ["--time-budget-min", f"{budget:g}"]
+    recipe = ["--time-budget-min", f"{budget:g}"]
     start = time.time()
     precision_flag = ["--precision", precision] if precision else []
-    run([py, f"{method}.py", *data_flags, *recipe, *precision_flag, *extra, "--out-dir", out,
+    os.environ["PYTHON"] = py  # the recipe's interpreter: this one
+    run(["bash", RECIPE, method, *data_flags, *recipe, *precision_flag, *extra, "--out-dir", out,
          "--no-resume"])
     train_minutes = (time.time() - start) / 60
     # The probes in this process: one import of torch and ffcv instead of one per probe.
@@ -132,7 +102,7 @@ def main(extra):
     last = [r for r in log if "probe_acc" in r][-1]
     name = NAMES[method]
     lines = [
-        f"{name}: {last['step']} steps of {ssl_batch(recipe + extra)} images in "
+        f"{name}: {last['step']} steps of {ssl_batch(recipe_args(method) + extra)} images in "
         f"{last['train_min']:.1f} min of training ({train_minutes:.1f} min with start-up and "
         f"evaluation), {last['images_per_s']:.0f} images/s; probes fit on "
         f"{ssl['train_images']} train images (hyper-parameters chosen on a holdout of them), "
@@ -155,6 +125,13 @@ def main(extra):
     with open(os.path.join(ROOT, out, "table.md.tmp"), "w") as f:
         f.write(text + "\n")
     os.replace(os.path.join(ROOT, out, "table.md.tmp"), os.path.join(ROOT, out, "table.md"))
+
+
+def recipe_args(method):
+    """The flags the recipe script passes (bash prints them without running anything)."""
+    done = subprocess.run(["bash", RECIPE, method], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHON": "echo"})
+    return done.stdout.split()
 
 
 def ssl_batch(args):

@@ -265,3 +265,15 @@ def test_an_out_dir_that_cannot_be_written_is_refused_first(tmp_path, monkeypatc
                         real(p, mode))  # a read-only folder (this test may run as root)
     with pytest.raises(SystemExit, match=f"^error: --out-dir .*{tmp_path} is not writable"):
         write_beton.validate(write_beton.Args(out_dir=str(tmp_path)))
+
+
+def test_max_short_side_keeps_the_aspect_ratio_and_never_enlarges(tmp_path):
+    from PIL import Image
+
+    images = [Image.fromarray(np.full((100, 300, 3), 100, np.uint8)),  # -> 50 x 150
+              Image.fromarray(np.full((40, 60, 3), 100, np.uint8))]    # small: kept
+    root = image_folder(tmp_path / "src", images)
+    write_beton.main(write_beton.Args(dataset="imagefolder", data_dir=str(root), num_workers=1,
+                                      out_dir=str(tmp_path), name="s", max_short_side=50))
+    meta = Reader(str(tmp_path / "s_train.beton")).metadata["f0"]
+    assert sorted(zip(meta["width"].tolist(), meta["height"].tolist())) == [(60, 40), (150, 50)]
