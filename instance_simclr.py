@@ -90,9 +90,10 @@ class Model:
     """Start each residual block's last BatchNorm at zero (the official codes do): every block
     starts as the identity. --no-zero-init-residual keeps torchvision's default init."""
     projector_dims: tuple[int, ...] = (2048, 2048, 256)
-    """Projector MLP widths after the backbone: hidden layers Linear-BN-ReLU, the last Linear
-    without a bias followed by a BatchNorm without a shift, as SimCLR's official code (its
-    ProjectionHead: the last LinearLayer has use_bias=False, use_bn=True)."""
+    """Projector MLP widths after the backbone (none: no projector): hidden layers
+    Linear-BN-ReLU, the last Linear without a bias followed by a BatchNorm without a shift, as
+    SimCLR's official code (its ProjectionHead: the last LinearLayer has use_bias=False,
+    use_bn=True)."""
 
 
 @dataclass
@@ -164,8 +165,8 @@ def validate(args: Args) -> None:
     """Every setting checked before anything slow: one line naming the flag and what it takes."""
     m, o, p = args.model, args.optim, args.patches
     check_settings(backbone_rules(m.arch, m.width) + [  # (flag, value, allowed?, what is)
-        ("--projector-dims", m.projector_dims, len(m.projector_dims) >= 1 and min(
-            m.projector_dims, default=0) >= 1, "one or more widths >= 1"),
+        ("--projector-dims", m.projector_dims, min(m.projector_dims, default=1) >= 1,
+         "widths >= 1 (none: no projector, the loss on the backbone's features)"),
         ("--epochs", o.epochs, o.epochs >= 1, "an integer >= 1"),
         ("--time-budget-min", o.time_budget_min, o.time_budget_min >= 0,
          ">= 0 minutes (0: train --epochs epochs)"),
@@ -212,6 +213,8 @@ def patch_view(patches: Patches) -> ViewConfig:
 def mlp(dims: tuple[int, ...], last_bias: bool = True, last_bn: bool = False) -> nn.Sequential:
     """Linear-BN-ReLU for each hidden width, then a Linear (with a bias if `last_bias`) and, with
     `last_bn`, a BatchNorm that scales but does not shift (SimCLR's official head)."""
+    if len(dims) == 1:  # no widths: no projector (experiments/claim_projector.py's depth 0)
+        return nn.Sequential()
     layers = []
     for i in range(len(dims) - 2):
         layers += [nn.Linear(dims[i], dims[i + 1], bias=False), nn.BatchNorm1d(dims[i + 1]),

@@ -87,8 +87,8 @@ class Args:
     their hyper-parameters chosen the same way, instead of on cached centre-crop features."""
     train_subset: int = 0
     """Fit the heads on this many training images drawn with `seed` (0: all); for quick looks."""
-    num_workers: int = 2
-    """Loader threads."""
+    num_workers: int = 0
+    """Loader threads; 0: the machine's cores."""
     seed: int = 0
     """Seed of the random init (--random-init), the heads and the subset."""
     device: Literal["auto", "cuda", "cpu"] = "auto"
@@ -127,7 +127,7 @@ def validate(args: Args) -> None:
          "integers >= 1"),
         ("--knn-temperature", args.knn_temperature, args.knn_temperature > 0, "> 0"),
         ("--train-subset", args.train_subset, args.train_subset >= 0, ">= 0 (0: all images)"),
-        ("--num-workers", args.num_workers, args.num_workers >= 1, "an integer >= 1"),
+        ("--num-workers", args.num_workers, args.num_workers >= 0, ">= 0 (0: the cores)"),
         ("--seed", args.seed, 0 <= args.seed < 2**32, "an integer in [0, 2^32)"),
         ("--out", args.out, not os.path.isdir(args.out), "a file name, not a folder")])
     problem = folder_problem(os.path.dirname(os.path.abspath(results_path(args))))
@@ -288,13 +288,16 @@ def topk(logits: torch.Tensor, y: torch.Tensor) -> dict:
             "top5": (top5 == y[:, None]).any(1).float().mean().item()}
 
 
-def train_head(kind, args, width, batches, val_x, val_y, steps_per_epoch, lr, weight_decay):
-    """AdamW with cosine decay; `batches()` yields (features, labels) for one epoch."""
+def train_head(kind, args, width, batches, val_x, val_y, steps_per_epoch, lr, weight_decay,
+               curve: list | None = None, train_xy=None):
+    """AdamW with cosine decay; `batches()` yields (features, labels) for one epoch. With `curve`
+    (a list), each epoch appends {"epoch", "train_top1" (on train_xy), "val_top1"}: how a head
+    fits and overfits (experiments/claim_probing.py)."""
     torch.manual_seed(args.seed)
     head = make_head(kind, width, args).to(val_x.device)
     opt = torch.optim.AdamW(head.parameters(), lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.epochs * steps_per_epoch)
-    for _ in range(args.epochs):
+    for epoch in range(args.epochs):
         head.train()
         for x, y in batches():
             loss = F.cross_entropy(head(x), y)
@@ -302,6 +305,12 @@ def train_head(kind, args, width, batches, val_x, val_y, steps_per_epoch, lr, we
             loss.backward()
             opt.step()
             sched.step()
+        if curve is not None:
+            head.eval()
+            with torch.no_grad():
+                curve.append({"epoch": epoch + 1, "train_top1": topk(head(train_xy[0]),
+                                                                     train_xy[1])["top1"],
+                              "val_top1": topk(head(val_x), val_y)["top1"]})
     head.eval()
     with torch.no_grad():
         return topk(head(val_x), val_y)

@@ -40,8 +40,12 @@ DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
 @dataclass
 class Args:
-    dataset: Literal["fashion-mnist", "cifar10", "cifar100", "stl10", "imagefolder"] = "fashion-mnist"
-    """Source data set."""
+    dataset: Literal["fashion-mnist", "fashion-mnist-colour", "cifar10", "cifar100", "stl10",
+                     "imagefolder"] = "fashion-mnist"
+    """Source data set. fashion-mnist-colour: Fashion-MNIST with a random foreground colour and a
+    random background colour per image (seeded by --seed and the image's index), unrelated to
+    its class: a synthetic stand-in for colour photos offline, where two crops of one image share
+    its colours, the shortcut colour augmentations exist to remove."""
     data_dir: str | None = None
     """fashion-mnist: folder with the four idx files (default: the Debian package's); cifar/stl10:
     torchvision root, downloaded there if missing and online; imagefolder: a root holding train/ and
@@ -126,6 +130,24 @@ def fashion_mnist(data_dir: str | None) -> dict:
             paths.append(found[0])
         splits[split] = ArrayDataset(_read_idx(paths[0]), _read_idx(paths[1]))
     return splits
+
+
+class Colourised:
+    """A gray image g (0-255) as background + (foreground - background) x g / 255, both colours
+    drawn uniformly in RGB from a generator seeded by (seed, index): the same file every time."""
+
+    def __init__(self, dataset: ArrayDataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        image, label = self.dataset[i]
+        fg, bg = np.random.default_rng([self.seed, i]).integers(0, 256, (2, 3))
+        alpha = image[:, :, :1].astype(np.float32) / 255  # the gray level, one channel
+        out = bg + (fg - bg) * alpha
+        return np.ascontiguousarray(np.round(out).astype(np.uint8)), label
 
 
 class RGBDataset:
@@ -406,8 +428,11 @@ def main(args: Args) -> list[str]:
     name = args.name or args.dataset
     os.makedirs(args.out_dir, exist_ok=True)
     error_log = os.path.join(args.out_dir, f".{name}.errors.{os.getpid()}")
-    if args.dataset == "fashion-mnist":
+    if args.dataset.startswith("fashion-mnist"):
         splits = fashion_mnist(args.data_dir)
+        if args.dataset == "fashion-mnist-colour":
+            splits = {split: Colourised(data, args.seed + 7919 * k)
+                      for k, (split, data) in enumerate(splits.items())}
     elif args.dataset == "imagefolder":
         splits = imagefolder(args.data_dir, error_log)
     else:

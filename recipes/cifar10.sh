@@ -9,7 +9,7 @@ data=${DATA_DIR:-data}
 py=${PYTHON:-python}
 common=(--train-beton "$data/cifar10_train.beton" --val-beton "$data/cifar10_val.beton"
         --num-classes 10 --stem small --epochs 1000 --batch-size 256 --warmup-epochs 10
-        --weight-decay 1e-4 --lars-eta 0.02 --num-workers "$(nproc)")
+        --weight-decay 1e-4 --lars-eta 0.02)
 v=(--view1.resolution 32 --view2.resolution 32)
 case "$method" in
   simclr)  # solo-learn's symmetric views: colour strength 1.0, blur 0.5 on both; temperature 0.2

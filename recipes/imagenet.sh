@@ -16,7 +16,7 @@ if [ "$name" = imagenet100 ]; then classes=100; arch=resnet18; fi
 launch=${LAUNCH:-${PYTHON:-python}}
 common=(--train-beton "$data/${name}_train.beton" --val-beton "$data/${name}_val.beton"
         --num-classes "$classes" --arch "$arch" --stem imagenet --epochs 100 --batch-size 256
-        --eval-crop-ratio 0.875 --num-workers "$(nproc)")
+        --eval-crop-ratio 0.875)  # --num-workers 0 (default): this process's share of the cores
 v=(--view1.resolution 224 --view2.resolution 224)
 case "$method" in
   simclr)  # SimCLR's ImageNet views: colour strength 1.0 (0.8/0.8/0.8/0.2), blur p=0.5 on both

@@ -122,6 +122,16 @@ def test_schedule_values():
     assert learning_rate(0.1, warm, peak, 0.001) == pytest.approx(peak)
 
 
+def test_no_widths_no_projector():
+    """--projector-dims with no widths: the loss on the backbone's features (depth 0)."""
+    head = simclr.mlp((512,))
+    x = torch.randn(4, 512)
+    assert len(head) == 0 and torch.equal(head(x), x)
+    model = simclr.SimCLR(with_settings(simclr.Args(), projector_dims=()), "small")
+    loss = model(torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16), torch.arange(4))[0]
+    assert torch.isfinite(loss)
+
+
 def test_projector_last_bias():
     assert simclr.mlp((8, 16, 4))[-1].bias is not None
     assert simclr.mlp((8, 16, 4), last_bias=False)[-1].bias is None

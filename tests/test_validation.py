@@ -17,8 +17,8 @@ METHOD_FILES = ["simclr", "barlowtwins", "vicreg", "instance_simclr"]
 
 # (field, bad value, the flag the message must name) for the settings every method file shares.
 COMMON = [("num_classes", 0, "--num-classes"), ("train_subset", -1, "--train-subset"),
-          ("num_workers", 0, "--num-workers"), ("arch", "resnet7", "--arch"),
-          ("projector_dims", (), "--projector-dims"), ("projector_dims", (64, 0), "--projector-dims"),
+          ("num_workers", -1, "--num-workers"), ("arch", "resnet7", "--arch"),
+          ("projector_dims", (0,), "--projector-dims"), ("projector_dims", (64, 0), "--projector-dims"),
           ("epochs", 0, "--epochs"), ("epochs", -1, "--epochs"), ("batch_size", 0, "--batch-size"),
           ("batch_size", 1, "--batch-size"), ("base_lr", 0.0, "--base-lr"),
           ("base_lr", float("nan"), "--base-lr"), ("base_lr", float("inf"), "--base-lr"),
@@ -82,7 +82,7 @@ def test_view_settings(field, value, flag, betons):
     # measured; every other rule is checked through validate() above.
     ("simclr.py", ["--batch-size", "0"], "error: --batch-size 0: must be an integer >= 2"),
     ("barlowtwins.py", ["--view1.resolution", "0"], "error: --view1.resolution 0: must be"),
-    ("instance_simclr.py", ["--projector-dims"], "error: --projector-dims (): must be one or"),
+    ("instance_simclr.py", ["--projector-dims", "0"], "error: --projector-dims (0,): must be widths"),
     ("probe.py", ["--knn-k", "0"], "error: --knn-k (0,): must be integers >= 1"),
     ("write_beton.py", ["--jpeg-quality", "0"], "error: --jpeg-quality 0: must be in 1..100"),
 ])
@@ -106,7 +106,7 @@ def test_command_line_gives_one_line_and_fails_fast(script, args, says, betons, 
     ("holdout", 1.0, "--holdout"), ("batch_size", 1, "--batch-size"),
     ("knn_temperature", 0.0, "--knn-temperature"), ("heads", (), "--heads"),
     ("mlp_dims", (0,), "--mlp-dims"), ("resolution", -1, "--resolution"),
-    ("num_workers", 0, "--num-workers"), ("train_subset", -3, "--train-subset"),
+    ("num_workers", -1, "--num-workers"), ("train_subset", -3, "--train-subset"),
     ("out", ROOT, "--out")])
 def test_probe_rules(field, value, flag, betons):
     import probe

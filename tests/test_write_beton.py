@@ -277,3 +277,32 @@ def test_max_short_side_keeps_the_aspect_ratio_and_never_enlarges(tmp_path):
                                       out_dir=str(tmp_path), name="s", max_short_side=50))
     meta = Reader(str(tmp_path / "s_train.beton")).metadata["f0"]
     assert sorted(zip(meta["width"].tolist(), meta["height"].tolist())) == [(60, 40), (150, 50)]
+
+
+def test_colour_fashion_mnist_is_seeded_and_its_colour_says_nothing_of_the_class(idx_dir,
+                                                                                tmp_path):
+    """fashion-mnist-colour: each image tinted with its own random foreground and background
+    colours (the gray levels kept as the blend), the same file for the same seed, and the colours
+    independent of the labels."""
+    import ffcv_ssl_common as C
+
+    for k in (0, 1):
+        write_beton.main(write_beton.Args(dataset="fashion-mnist-colour", data_dir=str(idx_dir),
+                                          out_dir=str(tmp_path / str(k)), num_workers=1))
+    a, b = (str(tmp_path / str(k) / "fashion-mnist-colour_train.beton") for k in (0, 1))
+    assert C.fingerprint(a)["sha256"] == C.fingerprint(b)["sha256"]
+    x, y = next(iter(C.make_eval_loader(a, 28, 320, normalize=False)))
+    x = x.float()
+    gray = write_beton.fashion_mnist(str(idx_dir))["train"].images[:320].astype(np.float32)
+    per_image = x.mean((2, 3))  # (N, 3) mean colour
+    assert (x[:, 0] != x[:, 1]).float().mean() > 0.5  # coloured, not gray
+    # the blend: each channel is an affine function of the gray level within an image
+    for i in range(5):
+        g = gray[i].reshape(-1)
+        for ch in range(3):
+            fit = np.polyfit(g, x[i, ch].numpy().reshape(-1), 1)
+            assert np.abs(np.polyval(fit, g) - x[i, ch].numpy().reshape(-1)).max() <= 1.0
+    # colour carries no class: the per-class mean colours are all near the overall mean
+    overall = per_image.mean(0)
+    for label in range(10):
+        assert (per_image[y == label].mean(0) - overall).abs().max() < 55  # ~4 sd of 32 images
