@@ -109,8 +109,8 @@ def main(args: Args) -> dict:
     pixels = pixel_probes(c)
     curves = {}
     for m, runs in cells.items():
-        feats = torch.load(json.load(open(os.path.join(runs[0]["cell"], "probe.json")))[
-            "features_cache"], weights_only=True)
+        cache = json.load(open(os.path.join(runs[0]["cell"], "probe.json")))["features_cache"]
+        feats = torch.load(cache, weights_only=True)
         x, y = feats["train"]
         keep = y >= 0
         curves[m] = mlp_curve(x[keep], y[keep], args.mlp_epochs, c.quick)
