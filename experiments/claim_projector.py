@@ -77,8 +77,8 @@ def layer_probes(c: lab.Common, record: dict) -> list[float]:
     if os.path.exists(path):
         return json.load(open(path))
     m = importlib.import_module(record["method"])
-    path = os.path.join(record["cell"], "checkpoint.pt")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    saved = os.path.join(record["cell"], "checkpoint.pt")
+    ckpt = torch.load(saved, map_location="cpu", weights_only=True)
     model = getattr(m, CLASSES[record["method"]])(lab.args_of(m, ckpt["args"]),
                                                   ckpt["resolved"]["stem"])
     model.load_state_dict(ckpt["model"])

@@ -1,7 +1,7 @@
 """README.md's commands work as written: every `python <script>.py ...` in its bash blocks parses
 with that script's own command line (a renamed or removed flag fails here), every recipe command
-gives its method file a valid command line, every `make` target exists, and every file the README
-links to is in the repository."""
+gives its method file a valid command line, every `make` target exists, every file the README
+links to is in the repository, and its Python example runs (on the tests' data, on the CPU)."""
 
 import importlib.util
 import os
@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import tyro
 
 from conftest import ROOT
@@ -103,3 +104,20 @@ def test_every_linked_file_exists():
     assert links
     missing = [link for link in links if not os.path.exists(os.path.join(ROOT, link))]
     assert not missing, missing
+
+
+def test_the_loader_example_runs(betons):
+    """The README's Python block, on the tests' small data and the CPU: one batch of two views."""
+    code = re.search(r"```python\n(.*?)```", README, re.S).group(1)
+    code = (code.replace('"data/fashion-mnist_train.beton"', repr(betons["train"]))
+                .replace('"data/fashion-mnist_val.beton"', repr(betons["val"]))
+                .replace('device="cuda"', 'device="cpu"').replace("num_workers=8", "num_workers=1")
+                .replace("batch_size=256", "batch_size=32")
+                .replace("for view_1, view_2, label in train: ...",
+                         "for view_1, view_2, label in train: break"))
+    scope = {}
+    exec(code, scope)
+    assert scope["view_1"].shape == scope["view_2"].shape == (32, 3, 32, 32)
+    assert not torch.equal(scope["view_1"], scope["view_2"])  # two random views, not one
+    x, y = next(iter(scope["val"]))
+    assert x.shape[1:] == (3, 32, 32) and len(y) == len(x)
