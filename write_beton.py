@@ -10,18 +10,19 @@ Grayscale sources are stored as RGB so that every pipeline sees three channels. 
 under a temporary name and renamed when complete, so a file that exists is a finished one.
 """
 
-import _thread
 import contextlib
 import glob
 import gzip
 import multiprocessing
 import os
 import shutil
+import signal
 import struct
 import sys
 import tempfile
 import threading
 import time
+import traceback
 from dataclasses import dataclass
 from typing import Literal
 
@@ -292,44 +293,91 @@ def imagefolder(data_dir: str | None, error_log: str) -> dict:
 # ---- Writing ----
 class _WriterProcess(multiprocessing.Process):
     """ffcv's writer processes, each recorded when started: the watchdog asks them how they
-    ended (a process that ended is no longer an active child, but its exit code stays)."""
+    ended (a process that ended is no longer an active child, but its exit code stays). One that
+    fails prints its traceback and exits at once, skipping Python's exit handlers (a forked child
+    can hang in them, and then never has an exit code to report)."""
 
     started: list = []
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.work_queue = kw["args"][0]  # ffcv's queue of chunks to write, shared by all
 
     def start(self):
         _WriterProcess.started.append(self)
         super().start()
+
+    def run(self):
+        try:
+            super().run()
+        except BaseException:
+            traceback.print_exc()
+            sys.stderr.flush()
+            os._exit(1)
 
 
 if not hasattr(ffcv.writer.Process, "started"):  # (once, even if this file runs twice)
     ffcv.writer.Process = _WriterProcess  # the name ffcv's writer starts its processes with
 
 
+class WriterDied(Exception):
+    """A writer process exited with an error (raised in the main thread by the watchdog)."""
+
+
 class Watchdog(threading.Thread):
     """ffcv's writer waits, forever, for its processes to report every image: one that dies (a
     full disk, an image its encoder refuses) hung the writer. This thread watches them and, when
-    one exits with an error, interrupts the main thread (KeyboardInterrupt there)."""
+    one exits with an error, sends SIGUSR2 to the main thread, whose handler (installed for the
+    write only) raises WriterDied there. A real signal, not `_thread.interrupt_main()`: that one
+    does nothing where SIGINT is ignored (a job that a script starts with `&`: the write hung),
+    and only a real signal interrupts a blocking read (ffcv waits on a queue for each child's
+    last report)."""
 
     def __init__(self):
         super().__init__(daemon=True)
+        if threading.current_thread() is not threading.main_thread():
+            raise SystemExit("error: write_beton.main must run in the main thread (its watchdog "
+                             "stops a failed write with a signal)")
         self.started = ffcv.writer.Process.started
         self.started.clear()
-        self.failed, self.done = 0, False
+        self.failed, self.done, self.armed, self.received = 0, False, True, False
+        self.lock, self.main = threading.Lock(), threading.get_ident()
+        self.previous = signal.signal(signal.SIGUSR2, self.raise_in_main)
         self.start()
 
+    def raise_in_main(self, signum, frame):
+        self.received = True
+        if self.armed:
+            raise WriterDied
+
     def run(self):
-        while not self.done:
-            failed = [p.exitcode for p in list(self.started) if p.exitcode not in (None, 0)]
-            if failed and not self.done:
-                self.failed = failed[0]
-                _thread.interrupt_main()
-                return
+        while True:
+            with self.lock:  # (stop() cannot restore the old handler while a signal is sent)
+                failed = [p.exitcode for p in list(self.started) if p.exitcode not in (None, 0)]
+                if self.done or failed:
+                    if failed and not self.done:
+                        self.failed = failed[0]
+                        signal.pthread_kill(self.main, signal.SIGUSR2)
+                    return
             time.sleep(0.2)
+
+    def stop(self) -> None:
+        """In the main thread, when the write ends either way: no WriterDied from here on."""
+        self.armed = False
+        with self.lock:
+            self.done = True
+        while self.failed and not self.received:  # a signal on its way lands here, harmlessly
+            time.sleep(0.01)
+        signal.signal(signal.SIGUSR2, self.previous)
 
     def stop_writers(self, writer) -> None:
         for child in self.started:
+            child.work_queue.cancel_join_thread()  # or exit waits to send the chunks left
             if child.exitcode is None:
                 child.terminate()
+                child.join(5)
+            if child.exitcode is None:
+                child.kill()
                 child.join(5)
         with contextlib.suppress(Exception):
             writer.metadata_sm.close()
@@ -370,15 +418,18 @@ def write_split(dataset, path: str, args: Args, error_log: str) -> None:
             writer.from_indexed_dataset(Prepared(dataset, args.max_resolution, error_log,
                                                  args.max_short_side),
                                         indices=indices.tolist(), chunksize=100)
-        except KeyboardInterrupt:
-            if not watchdog.failed:
-                raise  # the user's Ctrl-C
+        except KeyboardInterrupt:  # Ctrl-C: the same clean-up, then the usual message
+            watchdog.stop()
+            watchdog.stop_writers(writer)
+            raise
+        except WriterDied:
+            watchdog.stop()
             watchdog.stop_writers(writer)
             raise SystemExit(f"error: a writer process failed while writing {path} (exit status "
                              f"{watchdog.failed}: {last_error(error_log, os.path.dirname(tmp))}); "
                              f"nothing was written") from None
         finally:
-            watchdog.done = True
+            watchdog.stop()
         if os.path.exists(error_log) and os.path.getsize(error_log):
             with open(error_log) as log:
                 bad = log.read().splitlines()

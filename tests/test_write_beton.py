@@ -2,6 +2,7 @@
 JPEGs, the write modes and options, and every bad input it must refuse with one clear line."""
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -217,45 +218,65 @@ def test_a_side_that_the_resize_would_make_zero_is_kept_at_one_pixel(tmp_path):
     assert sorted(zip(meta["width"].tolist(), meta["height"].tolist())) == [(30, 30), (64, 1)]
 
 
-def test_a_writer_process_that_dies_ends_the_write_in_one_line(tmp_path):
-    """A full disk (or any error inside ffcv's writer processes, after our images are read):
-    the parent used to wait forever. The test makes one process fail as a full disk does. It
-    runs in its own interpreter, as write_beton.py runs for users: forked from this test process,
-    whose earlier tests started numba's TBB threads, a writer child could hang before it failed
-    ("Unable to join threads to shut down before fork()", seen once in a full suite)."""
+@pytest.mark.parametrize("where,count", [("sample", 20000), ("last flush", 300)])
+def test_a_writer_process_that_dies_ends_the_write_in_one_line(tmp_path, where, count):
+    """A full disk (or any error inside ffcv's writer processes): the parent used to wait
+    forever. One process fails as a full disk does, on an image ("sample"; 20,000 images: more
+    chunks of work than a pipe holds, so exiting must not wait to send them) or when it writes its
+    last page after every image was counted ("last flush": ffcv then blocks reading that
+    process's report). write_beton runs in its own interpreter with SIGINT ignored, as in a job
+    that a script starts with `&`: there `_thread.interrupt_main()` did nothing and the write
+    hung (2 of 3 fresh-clone suites). On a hang, faulthandler prints where the parent waits."""
     from conftest import label_images, write_idx
 
     for prefix in ("train", "t10k"):
-        images, labels = label_images(300)
+        images, labels = label_images(count)
         write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", images)
         write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", labels)
     script = f"""
-import sys
+import faulthandler, os, signal, sys
+faulthandler.dump_traceback_later(100, exit=True)
+assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
 sys.path.insert(0, {ROOT!r})
-import ffcv.writer
+import ffcv.memory_allocator, ffcv.writer
 import write_beton
 
-real = ffcv.writer.handle_sample
+if {where!r} == "sample":
+    real = ffcv.writer.handle_sample
 
+    def full_disk(sample, dest_ix, *rest):
+        if dest_ix == 150:
+            raise OSError(28, "No space left on device")
+        return real(sample, dest_ix, *rest)
 
-def full_disk(sample, dest_ix, *rest):
-    if dest_ix == 150:
+    ffcv.writer.handle_sample = full_disk  # forked: the workers' too
+else:
+    real = ffcv.memory_allocator.MemoryAllocator.__exit__
+
+    def last_flush_fails(self, *exc):
+        real(self, *exc)
+        try:  # the first process to get here fails, once
+            os.close(os.open({str(tmp_path / "flag")!r}, os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            return
         raise OSError(28, "No space left on device")
-    return real(sample, dest_ix, *rest)
 
-
-ffcv.writer.handle_sample = full_disk  # forked: the workers' too
+    ffcv.memory_allocator.MemoryAllocator.__exit__ = last_flush_fails
 write_beton.main(write_beton.Args(data_dir={str(tmp_path)!r}, out_dir={str(tmp_path / "o")!r},
                                   name="full", num_workers=2))
 """
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
-        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                              timeout=120)
+        _, stderr = child.communicate(timeout=120)
     except subprocess.TimeoutExpired:
-        pytest.fail("write_beton.main hung after a writer process died")
-    message = done.stderr.strip().splitlines()[-1]
-    assert done.returncode == 1, done.stderr[-2000:]
-    assert message.startswith("error: a writer process failed"), done.stderr[-2000:]
+        os.killpg(child.pid, signal.SIGKILL)  # the writer processes too
+        pytest.fail("write_beton.main hung after a writer process died: "
+                    + child.communicate()[1][-8000:])
+    message = stderr.strip().splitlines()[-1]
+    assert child.returncode == 1, stderr[-3000:]
+    assert message.startswith("error: a writer process failed"), stderr[-3000:]
     assert "No space left on device" in message and "nothing was written" in message
     assert os.listdir(tmp_path / "o") == []  # no .beton, no temporary file, no logs
 
