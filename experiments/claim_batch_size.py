@@ -2,7 +2,7 @@
 mini-batch training" once the learning rate and temperature are tuned per batch size (and "the
 optimal temperature might not be the same depending on the batch size").
 
-    python experiments/claim_batch_size.py                  # ~90 min on 2 cores
+    python experiments/claim_batch_size.py                  # ~140 min on 2 cores
     python experiments/claim_batch_size.py --quick          # seconds: checks the script
     python experiments/claim_batch_size.py --batch-sizes 64 256 1024 --recipe cifar10 \
         --train-beton data/cifar10_train.beton --val-beton data/cifar10_val.beton \
