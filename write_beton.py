@@ -371,6 +371,7 @@ class Watchdog(threading.Thread):
         signal.signal(signal.SIGUSR2, self.previous)
 
     def stop_writers(self, writer) -> None:
+        self.stop()
         for child in self.started:
             child.work_queue.cancel_join_thread()  # or exit waits to send the chunks left
             if child.exitcode is None:
@@ -418,13 +419,10 @@ def write_split(dataset, path: str, args: Args, error_log: str) -> None:
             writer.from_indexed_dataset(Prepared(dataset, args.max_resolution, error_log,
                                                  args.max_short_side),
                                         indices=indices.tolist(), chunksize=100)
-        except KeyboardInterrupt:  # Ctrl-C: the same clean-up, then the usual message
-            watchdog.stop()
+        except (WriterDied, KeyboardInterrupt) as stopped:
             watchdog.stop_writers(writer)
-            raise
-        except WriterDied:
-            watchdog.stop()
-            watchdog.stop_writers(writer)
+            if isinstance(stopped, KeyboardInterrupt):
+                raise  # Ctrl-C: main() prints the usual message
             raise SystemExit(f"error: a writer process failed while writing {path} (exit status "
                              f"{watchdog.failed}: {last_error(error_log, os.path.dirname(tmp))}); "
                              f"nothing was written") from None
